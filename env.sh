@@ -13,9 +13,13 @@ fi
 
 if [ ! -x "$_internvl_root/.venv/bin/python" ] || [ ! -f "$_internvl_root/install/local_setup.sh" ]; then
   echo "env.sh: run 'make setup' in $_internvl_root first" >&2
-  unset _internvl_root
+  [ "$_internvl_nounset" = 1 ] && set -u
+unset _internvl_root _internvl_nounset
   return 1 2>/dev/null || exit 1
 fi
+
+# The colcon and venv scripts read unset variables: allow that while sourcing them.
+case $- in *u*) _internvl_nounset=1; set +u ;; *) _internvl_nounset=0 ;; esac
 
 # The venv holds the ROS 2 wheels; it is the underlay prefix.
 VIRTUAL_ENV_DISABLE_PROMPT=${VIRTUAL_ENV_DISABLE_PROMPT:-1}
@@ -31,4 +35,5 @@ export RMW_IMPLEMENTATION="${RMW_IMPLEMENTATION:-rmw_fastrtps_cpp}"
 # ament_python puts console scripts in lib/<pkg> (for `ros2 run`); put them on PATH too.
 export PATH="$_internvl_root/install/internvl_ros/lib/internvl_ros:$PATH"
 
-unset _internvl_root
+[ "$_internvl_nounset" = 1 ] && set -u
+unset _internvl_root _internvl_nounset
