@@ -1,0 +1,1 @@
+"""Command-line tools: offline caption, bag replay, demo."""
