@@ -1,0 +1,34 @@
+"""Inference backends: a `Session` protocol and a registry of lazily imported backends.
+
+    from internvl_ros.backends import get_backend
+    backend = get_backend("onnxruntime", num_threads=2)
+    session = backend.open("qwen3_p128_l0_together.onnx")
+
+Backends are imported only when asked for, so `onnxruntime` or `axengine` need not be installed
+unless used.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from ..core.errors import BackendError
+from .base import Backend, NodeInfo, Session
+
+#: backend name -> "module:factory"; the factory takes keyword options and returns a Backend
+BACKENDS = {
+    "onnxruntime": "internvl_ros.backends.onnxruntime_backend:OnnxRuntimeBackend",
+    "axengine": "internvl_ros.backends.axengine_backend:AxEngineBackend",
+}
+
+
+def get_backend(name: str, **options) -> Backend:
+    """Instantiate a registered backend by name (imports its module now)."""
+    if name not in BACKENDS:
+        raise BackendError(f"unknown backend '{name}'; choose one of {', '.join(BACKENDS)}")
+    module_name, factory = BACKENDS[name].split(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, factory)(**options)
+
+
+__all__ = ["BACKENDS", "Backend", "NodeInfo", "Session", "get_backend"]

@@ -1,0 +1,30 @@
+"""The torch-free runtime: numpy + cv2 + tokenizers only (no torch, transformers or rclpy).
+
+    from internvl_ros.core import Pipeline, GenerationConfig
+"""
+
+from .errors import (
+                     BackendError,
+                     BusyError,
+                     ConfigError,
+                     ImageDecodeError,
+                     InternVLError,
+                     ModelDirError,
+                     PromptTooLongError,
+                     ShapeMismatchError,
+)
+from .modeldir import ModelConfig, ModelDir, ModelPaths, discover, load_config, load_model_dir
+from .pipeline import Generation, GenerationResult, Pipeline, Step, Timings
+from .preprocess import decode_image, load_image, preprocess_image, sample_video_frames
+from .prompt import DEFAULT_SYSTEM_PROMPT, build_prompt_ids
+from .sampling import GenerationConfig, Sampler
+from .tokenizer import Tokenizer
+
+__all__ = [
+    "BackendError", "BusyError", "ConfigError", "DEFAULT_SYSTEM_PROMPT", "Generation",
+    "GenerationConfig", "GenerationResult", "ImageDecodeError", "InternVLError", "ModelConfig",
+    "ModelDir", "ModelDirError", "ModelPaths", "Pipeline", "PromptTooLongError", "Sampler",
+    "ShapeMismatchError", "Step", "Timings", "Tokenizer", "build_prompt_ids", "decode_image",
+    "discover", "load_config", "load_image", "load_model_dir", "preprocess_image",
+    "sample_video_frames",
+]

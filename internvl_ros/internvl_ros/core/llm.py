@@ -1,0 +1,273 @@
+"""The split language model: per-layer sessions, KV cache, chunked prefill, decode, post.
+
+Two feeding strategies, picked from the sessions:
+- dynamic (onnxruntime): feed only the filled part of the cache; mask (1, n, past + n);
+  prefill slices are not padded.
+- fixed shape groups (NPU): shapes come from `session.get_inputs(g)`. Group 0 is decode with
+  the whole cache (1, kv_cache_len, kv_dim) and mask (1, 1, kv_cache_len + 1), the current token
+  in the last column. Groups 1..G are prefill slices with past = mask_len - n; the first slice
+  gets the dummy cache the model declares. The last slice is padded.
+
+A prompt of L tokens runs ceil(L / chunk) slices; the logits come from row (L - 1) mod chunk of
+the last slice (no extra all-padding slice when L is a multiple of the chunk).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import BackendError, InternVLError, PromptTooLongError, ShapeMismatchError
+from .kvcache import KVCache
+from .modeldir import ModelConfig
+
+MASKED = -65536.0  # additive mask value of the Axera build
+LAYER_INPUTS = ("K_cache", "V_cache", "indices", "input", "mask")
+
+
+@dataclass(frozen=True)
+class PrefillGroup:
+    """A fixed-shape prefill shape group: `n` rows per slice, `past` cached rows."""
+
+    group: int
+    n: int
+    past: int
+    cache_rows: int  # rows of the K_cache/V_cache input (1 for the dummy of the first slice)
+
+
+def run_session(session, feed: dict[str, np.ndarray], shape_group: int, what: str):
+    """session.run with errors turned into BackendError naming the model file."""
+    try:
+        return session.run(None, feed, shape_group=shape_group)
+    except InternVLError:
+        raise
+    except Exception as exc:  # backends raise their own types (and AssertionError)
+        raise BackendError(f"{what} ({getattr(session, 'path', '?')}, shape group "
+                           f"{shape_group}) failed: {type(exc).__name__}: {exc}") from exc
+
+
+def cast(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    return x if x.dtype == dtype else x.astype(dtype)
+
+
+class LanguageModel:
+    """Decoder layers + post + token embeddings, with a KV cache."""
+
+    def __init__(self, layers: Sequence, post, embeddings: np.ndarray, config: ModelConfig,
+                 max_context: int | None = None, prefill_chunk: int = 128):
+        if not layers:
+            raise ShapeMismatchError("no decoder layer sessions")
+        self.layers = list(layers)
+        self.post = post
+        self.embeddings = embeddings  # (vocab, hidden), usually memory-mapped
+        self.config = config
+        self.fixed = not getattr(self.layers[0], "dynamic_shapes", True)
+        first = self.layers[0]
+        self._check_layer_io(first)
+        inputs = {i.name: i for i in first.get_inputs(0)}
+        self.cache_dtype = inputs["K_cache"].dtype
+        self.hidden_dtype = inputs["input"].dtype
+        self.mask_dtype = inputs["mask"].dtype
+        self.index_dtype = inputs["indices"].dtype
+        self.post_dtype = post.get_inputs(0)[0].dtype
+        self.post_input = post.get_inputs(0)[0].name
+
+        if self.fixed:
+            self._read_shape_groups(first)
+        else:
+            self.decode_group = 0
+            self.chunk = int(prefill_chunk)
+            self.max_ctx = int(max_context or 2048)
+            self.max_prefill = self.max_ctx
+        if max_context is not None and self.fixed and max_context < self.max_ctx:
+            self.max_ctx = int(max_context)  # a smaller window than the build allows is fine
+        self.cache = KVCache(len(self.layers), self.max_ctx_rows, config.kv_dim,
+                             self.cache_dtype)
+
+    # ------------------------------------------------------------------ model introspection
+
+    @property
+    def max_ctx_rows(self) -> int:
+        """Rows of the cache: the decode group's cache length on the NPU."""
+        return self.decode_cache_len if self.fixed else self.max_ctx
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        """Longest prompt that fits: the prefill limit, and the context."""
+        return min(self.max_prefill, self.max_ctx)
+
+    def _check_layer_io(self, session) -> None:
+        path = getattr(session, "path", "layer 0")
+        names = [i.name for i in session.get_inputs(0)]
+        missing = [n for n in LAYER_INPUTS if n not in names]
+        if missing:
+            raise ShapeMismatchError(
+                f"decoder layer {path} lacks input(s) {missing} (it has {names}); the model "
+                f"contract (docs/MODEL_DIR.md) needs {list(LAYER_INPUTS)}. Re-export the model")
+        inputs = {i.name: i for i in session.get_inputs(0)}
+        hidden = inputs["input"].shape[-1]
+        if isinstance(hidden, int) and hidden != self.config.hidden_size:
+            raise ShapeMismatchError(
+                f"decoder layer {path} takes hidden size {hidden} (input 'input' "
+                f"{inputs['input'].shape}) but config.json says {self.config.text_field}."
+                f"hidden_size={self.config.hidden_size}; the layer files and config.json "
+                "belong to different models")
+        kv = inputs["K_cache"].shape[-1]
+        if isinstance(kv, int) and kv != self.config.kv_dim:
+            raise ShapeMismatchError(
+                f"decoder layer {path} has K_cache width {kv} but config.json gives kv_dim = "
+                f"num_key_value_heads * head_dim = {self.config.kv_dim}; the layer files and "
+                "config.json belong to different models")
+        post_in = self.post.get_inputs(0)[0].shape[-1]
+        if isinstance(post_in, int) and post_in != self.config.hidden_size:
+            raise ShapeMismatchError(
+                f"post model {getattr(self.post, 'path', '')} takes hidden size {post_in} but "
+                f"config.json says hidden_size={self.config.hidden_size}")
+
+    def _read_shape_groups(self, session) -> None:
+        path = getattr(session, "path", "layer 0")
+        prefill: list[PrefillGroup] = []
+        decode = None
+        for g in range(session.num_shape_groups):
+            shapes = {i.name: i.shape for i in session.get_inputs(g)}
+            n = shapes["input"][1]
+            mask_len = shapes["mask"][-1]
+            cache_rows = shapes["K_cache"][1]
+            if n == 1 and decode is None:
+                if mask_len != cache_rows + 1:
+                    raise ShapeMismatchError(
+                        f"{path} shape group {g}: decode mask {shapes['mask']} must be one "
+                        f"column longer than the cache {shapes['K_cache']}")
+                decode = (g, cache_rows)
+            else:
+                past = mask_len - n
+                if past < 0 or (past > 0 and cache_rows != past):
+                    raise ShapeMismatchError(
+                        f"{path} shape group {g}: cache {shapes['K_cache']} and mask "
+                        f"{shapes['mask']} disagree for a prefill slice of {n} rows")
+                prefill.append(PrefillGroup(g, n, past, cache_rows))
+        if decode is None or not prefill:
+            raise ShapeMismatchError(f"{path} has no decode shape group (n = 1) or no prefill "
+                                     "shape group; this is not an Axera LLM layer build")
+        chunks = {p.n for p in prefill}
+        if len(chunks) != 1:
+            raise ShapeMismatchError(f"{path}: prefill shape groups of different lengths "
+                                     f"{sorted(chunks)}")
+        self.chunk = chunks.pop()
+        self.prefill_groups = {p.past: p for p in prefill}
+        pasts = sorted(self.prefill_groups)
+        # slices must be fed at past = 0, chunk, 2*chunk, ... without gaps
+        usable = 0
+        while usable in self.prefill_groups:
+            usable += self.chunk
+        if pasts[0] != 0:
+            raise ShapeMismatchError(f"{path}: no prefill shape group for the first slice")
+        self.max_prefill = usable
+        self.decode_group, self.decode_cache_len = decode
+        self.max_ctx = self.decode_cache_len
+
+    # ------------------------------------------------------------------ running
+
+    def embed(self, ids: Sequence[int]) -> np.ndarray:
+        """Token embeddings (n, hidden) float32."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.embeddings.shape[0]):
+            raise ShapeMismatchError(f"token id {int(ids.max())} is outside the embedding "
+                                     f"matrix ({self.embeddings.shape[0]} rows)")
+        return np.asarray(self.embeddings[ids], dtype=np.float32)  # (n, hidden)
+
+    def reset(self) -> None:
+        self.cache.reset()
+
+    def check_prompt_length(self, length: int, detail: str = "") -> None:
+        if length < 1:
+            raise PromptTooLongError("the prompt is empty")
+        if length > self.max_prompt_tokens:
+            limits = (f"prefill limit {self.max_prefill} tokens, context {self.max_ctx} tokens"
+                      if self.fixed else f"context {self.max_ctx} tokens")
+            raise PromptTooLongError(
+                f"the prompt is {length} tokens{detail} but this model accepts at most "
+                f"{self.max_prompt_tokens} ({limits}). Shorten the question, send fewer "
+                "images or frames, or use fewer tiles per image; image tokens are never "
+                "truncated")
+
+    def prefill(self, embeds: np.ndarray) -> np.ndarray:
+        """Run the prompt embeddings (L, hidden) through all layers; return the logits
+        (vocab,) of the last prompt token. Resets the cache first."""
+        length = embeds.shape[0]
+        self.check_prompt_length(length)
+        self.reset()
+        chunk = self.chunk
+        last_hidden = None
+        for start in range(0, length, chunk):  # ceil(L / chunk) slices
+            n_valid = min(chunk, length - start)
+            hidden = self._prefill_slice(embeds[start:start + n_valid], start)
+            last_hidden = hidden[:, n_valid - 1:n_valid]  # (1, 1, hidden)
+        self.cache.filled = length
+        return self._logits(last_hidden)
+
+    def _prefill_slice(self, x: np.ndarray, past: int) -> np.ndarray:
+        """One slice of n_valid rows at absolute positions [past, past + n_valid)."""
+        n_valid = x.shape[0]
+        if self.fixed:
+            group = self.prefill_groups[past]
+            n, group_id = group.n, group.group
+        else:
+            n, group_id = n_valid, 0
+        hidden = np.zeros((1, n, x.shape[1]), dtype=self.hidden_dtype)  # (1, n, hidden)
+        hidden[0, :n_valid] = x
+        indices = np.arange(past, past + n, dtype=self.index_dtype)[None]  # (1, n)
+        mask = np.full((1, n, past + n), MASKED, dtype=np.float32)  # (1, n, past + n)
+        rows = np.arange(n)[:, None]
+        cols = np.arange(past + n)[None, :]
+        mask[0][(cols <= past + rows) & (rows < n_valid)] = 0.0
+        mask = cast(mask, self.mask_dtype)
+        for i, layer in enumerate(self.layers):
+            if self.fixed and past == 0:
+                k = np.zeros((1, group.cache_rows, self.config.kv_dim), self.cache_dtype)
+                v = k
+            else:
+                k, v = self.cache.view(i, past)  # (1, past, kv_dim)
+            feed = {"K_cache": k, "V_cache": v, "indices": indices,
+                    "input": cast(hidden, self.hidden_dtype), "mask": mask}
+            k_new, v_new, hidden = run_session(layer, feed, group_id,
+                                               f"prefill of decoder layer {i}")[:3]
+            self.cache.write(i, past, k_new[:, :n_valid], v_new[:, :n_valid])
+        return hidden
+
+    def decode(self, token_id: int) -> np.ndarray:
+        """Feed one token at the next position; return the logits (vocab,) after it."""
+        pos = self.cache.filled
+        if pos >= self.max_ctx:
+            raise PromptTooLongError(f"the context of {self.max_ctx} tokens is full")
+        x = self.embed([token_id])[None]  # (1, 1, hidden)
+        indices = np.array([[pos]], dtype=self.index_dtype)  # (1, 1)
+        if self.fixed:
+            ctx = self.decode_cache_len
+            mask = np.full((1, 1, ctx + 1), MASKED, dtype=np.float32)  # (1, 1, ctx + 1)
+            mask[..., :pos] = 0.0
+            mask[..., ctx] = 0.0  # the current token sits in the last column
+        else:
+            mask = np.zeros((1, 1, pos + 1), dtype=np.float32)  # (1, 1, pos + 1)
+        mask = cast(mask, self.mask_dtype)
+        hidden = cast(x, self.hidden_dtype)
+        for i, layer in enumerate(self.layers):
+            k, v = self.cache.view(i, self.decode_cache_len if self.fixed else pos)
+            feed = {"K_cache": k, "V_cache": v, "indices": indices,
+                    "input": cast(hidden, self.hidden_dtype), "mask": mask}
+            k_new, v_new, hidden = run_session(layer, feed, self.decode_group,
+                                               f"decode of decoder layer {i}")[:3]
+            self.cache.write(i, pos, k_new, v_new)  # (1, 1, kv_dim)
+        self.cache.filled = pos + 1
+        return self._logits(hidden)
+
+    def _logits(self, hidden: np.ndarray) -> np.ndarray:
+        x = cast(np.ascontiguousarray(hidden[:, -1:]), self.post_dtype)  # (1, 1, hidden)
+        out = run_session(self.post, {self.post_input: x}, 0, "post (final norm + lm_head)")
+        return np.asarray(out[0], dtype=np.float32).reshape(-1)  # (vocab,)
+
+    def close(self) -> None:
+        for s in self.layers + [self.post]:
+            s.close()

@@ -1,0 +1,437 @@
+"""Pipeline: images + question -> streamed tokens, with an explicit step API.
+
+    pipe = Pipeline.from_model_dir(path, backend="onnxruntime")
+    gen = pipe.generate("What is in front of the robot?", images=[rgb])
+    for step in gen:              # one step per generated token
+        print(step.text_delta, end="")
+    print(gen.result.finish_reason, gen.result.timings)
+    pipe.close()
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BackendError, BusyError, ConfigError, ModelDirError, ShapeMismatchError
+from .llm import LanguageModel, cast, run_session
+from .modeldir import ModelDir, load_model_dir
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, check_rgb, decode_image, preprocess_image
+from .prompt import build_prompt_ids
+from .sampling import GenerationConfig, Sampler
+from .tokenizer import Tokenizer
+
+FINISH_REASONS = ("eos", "length", "context", "cancelled")
+
+
+@dataclass
+class Timings:
+    """Per-request timings in seconds (ttft from request start to the first token)."""
+
+    preprocess_s: float = 0.0
+    vit_s: float = 0.0
+    prefill_s: float = 0.0
+    ttft_s: float = 0.0
+    decode_s: float = 0.0
+    decode_tokens_per_s: float = 0.0
+    total_s: float = 0.0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    image_tiles: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Step:
+    """One generated token."""
+
+    index: int
+    token_id: int
+    text_delta: str
+
+
+@dataclass
+class GenerationResult:
+    """The outcome of one request. `token_ids` excludes the stop token."""
+
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    finish_reason: str
+    timings: Timings = field(default_factory=Timings)
+    #: text completed only at the end (a held-back partial UTF-8 sequence), not in any Step
+    text_tail: str = ""
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "token_ids": list(self.token_ids),
+                "prompt_token_ids": list(self.prompt_token_ids),
+                "finish_reason": self.finish_reason, "timings": self.timings.to_dict()}
+
+
+class VisionModel:
+    """ViT + projector: (n_tiles, 3, S, S) -> (n_tiles * tokens, hidden), one tile per run.
+
+    The model takes ImageNet-normalised float (1, 3, S, S) (what the published build and our
+    export use), or raw RGB uint8 (1, S, S, 3) when it was compiled with the normalisation
+    inside (Axera's NHWC/U8 input configuration).
+    """
+
+    def __init__(self, session, config):
+        self.session = session
+        node = session.get_inputs(0)[0]
+        self.input_name, self.input_dtype = node.name, node.dtype
+        shape = tuple(node.shape)
+        self.nhwc_u8 = len(shape) == 4 and shape[-1] == 3 and node.dtype == np.uint8
+        size = shape[1] if self.nhwc_u8 else shape[-1]
+        self.image_size = size if isinstance(size, int) else config.image_size
+        out = session.get_outputs(0)[0]
+        hidden = out.shape[-1]
+        path = getattr(session, "path", "vit")
+        if isinstance(hidden, int) and hidden != config.hidden_size:
+            raise ShapeMismatchError(
+                f"ViT {path} outputs hidden size {hidden} but config.json says "
+                f"{config.text_field}.hidden_size={config.hidden_size}; the ViT and the "
+                "language model belong to different models")
+        tokens = out.shape[1] if len(out.shape) == 3 else None
+        self.tokens_per_tile = tokens if isinstance(tokens, int) else config.num_image_token
+        self.hidden = config.hidden_size
+
+    def __call__(self, pixel_values: np.ndarray) -> np.ndarray:
+        feats = []
+        for tile in pixel_values:  # (3, S, S)
+            if self.nhwc_u8:  # undo the normalisation exactly: back to the uint8 pixels
+                rgb = (tile.transpose(1, 2, 0) * IMAGENET_STD + IMAGENET_MEAN) * 255.0
+                x = np.rint(rgb).clip(0, 255).astype(np.uint8)[None]  # (1, S, S, 3)
+            else:
+                x = cast(np.ascontiguousarray(tile[None]), self.input_dtype)  # (1, 3, S, S)
+            out = run_session(self.session, {self.input_name: x}, 0, "ViT")[0]
+            out = np.asarray(out, dtype=np.float32).reshape(-1, self.hidden)  # (tokens, hidden)
+            if out.shape[0] != self.tokens_per_tile:
+                raise ShapeMismatchError(f"ViT returned {out.shape[0]} embeddings per tile, "
+                                         f"expected {self.tokens_per_tile}")
+            feats.append(out)
+        return np.concatenate(feats, axis=0)  # (n_tiles * tokens, hidden)
+
+
+class Pipeline:
+    """Loaded model (tokenizer, ViT, layers, post, embeddings). One generation at a time."""
+
+    def __init__(self, model_dir: ModelDir, backend, max_context: int | None = None,
+                 max_tiles: int = 1):
+        self.model_dir = model_dir
+        self.config = model_dir.config
+        self.backend_name = getattr(backend, "name", str(backend))
+        if not isinstance(max_tiles, int) or max_tiles < 1:
+            raise ConfigError(f"max_tiles={max_tiles!r} must be an integer >= 1")
+        self.max_tiles = max_tiles
+        paths = model_dir.paths
+        self.tokenizer = model_dir.tokenizer or Tokenizer.from_path(
+            paths.tokenizer, hf_dir=paths.hf_dir, extra_eos=self.config.eos_token_ids)
+        sessions = []
+        try:
+            layers = []
+            for p in paths.layers:
+                layers.append(backend.open(str(p)))
+                sessions.append(layers[-1])
+            post = backend.open(str(paths.post))
+            sessions.append(post)
+            embeddings = np.load(paths.embeddings, mmap_mode="r")  # (vocab, hidden)
+            self.llm = LanguageModel(layers, post, embeddings, self.config,
+                                     max_context=max_context)
+            self.vision = None
+            if paths.vit is not None:
+                vit = backend.open(str(paths.vit))
+                sessions.append(vit)
+                self.vision = VisionModel(vit, self.config)
+        except BaseException:
+            for s in sessions:
+                s.close()
+            raise
+        self._lock = threading.Lock()
+        self._active = None  # weakref to the unfinished Generation: an abandoned one frees us
+        self._closed = False
+
+    @classmethod
+    def from_model_dir(cls, path: str | Path | None = None,
+                       backend: str = "onnxruntime", provider=None,
+                       num_threads: int | None = None, max_context: int | None = None,
+                       max_tiles: int = 1, **paths) -> Pipeline:
+        """Discover and load a model dir. `paths` may override roles: config, tokenizer,
+        layers, post, vit, embeddings (see core.modeldir.discover)."""
+        from ..backends import get_backend
+
+        model_dir = load_model_dir(path, backend, **paths)
+        impl = get_backend(backend, provider=provider, num_threads=num_threads)
+        return cls(model_dir, impl, max_context=max_context, max_tiles=max_tiles)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def num_image_token(self) -> int:
+        return self.vision.tokens_per_tile if self.vision else self.config.num_image_token
+
+    @property
+    def image_size(self) -> int:
+        return self.vision.image_size if self.vision else self.config.image_size
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        return self.llm.max_prompt_tokens
+
+    @property
+    def max_context(self) -> int:
+        return self.llm.max_ctx
+
+    @property
+    def busy(self) -> bool:
+        return self._current() is not None
+
+    def _current(self) -> Generation | None:
+        gen = self._active() if self._active is not None else None
+        return gen if gen is not None and not gen.finished else None
+
+    # ------------------------------------------------------------------ requests
+
+    def prepare(self, prompt: str, images: Sequence = (), video: bool = False,
+                system_prompt: str | None = None):
+        """Preprocess images and build prompt ids: (prompt_ids, pixel_values or None)."""
+        if not isinstance(prompt, str):
+            raise ShapeMismatchError(f"prompt must be a string, got {type(prompt).__name__}")
+        if isinstance(images, (np.ndarray, bytes, bytearray)):
+            images = [images]  # a single image
+        pixel_list = []
+        for i, img in enumerate(images or ()):
+            if isinstance(img, (bytes, bytearray, memoryview)):
+                img = decode_image(bytes(img), source=f"image {i}")
+            check_rgb(img)
+            tiles = 1 if video else self.max_tiles  # InternVL runs video frames as 1 tile
+            pixel_list.append(preprocess_image(img, max_num=tiles, image_size=self.image_size))
+        if pixel_list and self.vision is None:
+            raise ModelDirError(f"no ViT model (*vit*{self.backend_ext}) was found in the model "
+                                "dir, so images cannot be used; add the ViT file or pass vit=")
+        tiles = [len(p) for p in pixel_list]
+        ids = build_prompt_ids(self.tokenizer, prompt, tiles, video=video,
+                               system_prompt=system_prompt, num_image_token=self.num_image_token)
+        n_img = sum(tiles) * self.num_image_token
+        detail = (f" ({len(ids) - n_img} text + {n_img} image tokens for {sum(tiles)} tile(s))"
+                  if n_img else "")
+        self.llm.check_prompt_length(len(ids), detail)
+        pixels = np.concatenate(pixel_list) if pixel_list else None  # (n_tiles, 3, S, S)
+        return ids, pixels
+
+    @property
+    def backend_ext(self) -> str:
+        return ".axmodel" if self.backend_name == "axengine" else ".onnx"
+
+    def generate(self, prompt: str, images: Sequence = (), video: bool = False,
+                 system_prompt: str | None = None,
+                 config: GenerationConfig | None = None) -> Generation:
+        """Start a request; iterate the returned Generation for tokens.
+
+        Input errors (image, prompt length) raise here. Raises BusyError while another
+        generation of this pipeline is unfinished.
+        """
+        if self._closed:
+            raise BackendError("the pipeline is closed; create a new one")
+        t0 = time.perf_counter()
+        config = config if config is not None else GenerationConfig()
+        if not isinstance(config, GenerationConfig):
+            raise ConfigError(f"config must be a GenerationConfig, got {type(config).__name__}")
+        ids, pixels = self.prepare(prompt, images, video, system_prompt)
+        with self._lock:
+            if self._current() is not None:
+                raise BusyError("this pipeline is already generating; iterate the current "
+                                "generation to its end or call its cancel(), then retry")
+            gen = Generation(self, ids, pixels, config, t0)
+            self._active = weakref.ref(gen)
+        gen.timings.preprocess_s = time.perf_counter() - t0
+        return gen
+
+    def _release(self, gen: Generation) -> None:
+        with self._lock:
+            if self._active is not None and self._active() in (gen, None):
+                self._active = None
+
+    def reset(self) -> None:
+        """Drop the KV state (a new request resets it anyway)."""
+        with self._lock:
+            if self._current() is None:
+                self.llm.reset()
+
+    def close(self) -> None:
+        """Release the sessions. The pipeline cannot be used afterwards."""
+        if not self._closed:
+            self._closed = True
+            self.llm.close()
+            if self.vision is not None:
+                self.vision.session.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+class Generation:
+    """An iterator of Steps (one per generated token) for one request.
+
+    `cancel()` (any thread) stops before the next token. `result` is the GenerationResult,
+    running the generation to its end first if needed. Stops on an eos token, `<|im_end|>`,
+    max_new_tokens or the context limit.
+    """
+
+    def __init__(self, pipeline: Pipeline, prompt_ids: list[int], pixels, config, t0: float):
+        self._pipe = pipeline
+        self.prompt_ids = list(prompt_ids)
+        self._pixels = pixels
+        self.config = config
+        self._t0 = t0
+        self._sampler = Sampler(config)
+        self._stream = pipeline.tokenizer.stream_decoder()
+        self._eos = set(pipeline.tokenizer.eos_token_ids)
+        self.token_ids: list[int] = []
+        self.timings = Timings(prompt_tokens=len(self.prompt_ids),
+                               image_tiles=0 if pixels is None else len(pixels))
+        self._logits: np.ndarray | None = None
+        self._cancel = threading.Event()
+        self._finish: str | None = None
+        self._result: GenerationResult | None = None
+        self._t_first: float | None = None
+        self._decode_steps = 0
+        self._error: BaseException | None = None
+
+    # ---------------------------------------------------------------- control
+
+    def cancel(self) -> None:
+        """Ask the generation to stop before its next token (finish_reason 'cancelled')."""
+        self._cancel.set()
+
+    @property
+    def finished(self) -> bool:
+        return self._finish is not None
+
+    def step(self) -> Step | None:
+        """Generate one token (as next()); None once the generation has finished."""
+        try:
+            return next(self)
+        except StopIteration:
+            return None
+
+    @property
+    def result(self) -> GenerationResult:
+        if self._result is None:
+            for _ in self:
+                pass
+        if self._result is None:
+            raise BackendError(f"the generation failed: {self._error}")
+        return self._result
+
+    def close(self) -> None:
+        """Abandon the generation (as cancel, and release the pipeline now)."""
+        if not self.finished:
+            self._done("cancelled")
+
+    def __del__(self):  # an abandoned generation must not keep the pipeline busy
+        try:
+            if self._finish is None:
+                self._pipe._release(self)
+        except Exception:
+            pass
+
+    # ---------------------------------------------------------------- iteration
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Step:
+        if self._finish is not None:
+            raise StopIteration
+        try:
+            return self._next()
+        except StopIteration:
+            raise
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+
+    def _next(self) -> Step:
+        llm = self._pipe.llm
+        if self._cancel.is_set():
+            self._stop("cancelled")
+        if self._logits is None:  # first call: ViT + prefill
+            self._logits = self._prefill()
+        else:
+            if len(self.token_ids) >= self.config.max_new_tokens:
+                self._stop("length")
+            if llm.cache.filled >= llm.max_ctx:
+                self._stop("context")
+            t = time.perf_counter()
+            self._logits = llm.decode(self.token_ids[-1])
+            self.timings.decode_s += time.perf_counter() - t
+            self._decode_steps += 1
+        token = self._sampler(self._logits, self.prompt_ids + self.token_ids)
+        if self._t_first is None:
+            self._t_first = time.perf_counter()
+            self.timings.ttft_s = self._t_first - self._t0
+        if token in self._eos:
+            self._stop("eos")
+        self.token_ids.append(token)
+        delta = self._stream.push(token)
+        return Step(index=len(self.token_ids) - 1, token_id=token, text_delta=delta)
+
+    def _prefill(self) -> np.ndarray:
+        pipe, llm = self._pipe, self._pipe.llm
+        embeds = llm.embed(self.prompt_ids)  # (L, hidden)
+        if self._pixels is not None:
+            t = time.perf_counter()
+            feats = pipe.vision(self._pixels)  # (n_tiles * 256, hidden)
+            self.timings.vit_s = time.perf_counter() - t
+            where = np.flatnonzero(np.asarray(self.prompt_ids) == pipe.tokenizer.img_context_id)
+            if where.size != feats.shape[0]:
+                raise ShapeMismatchError(f"the prompt has {where.size} <IMG_CONTEXT> tokens but "
+                                         f"the ViT produced {feats.shape[0]} embeddings")
+            embeds[where] = feats
+        t = time.perf_counter()
+        logits = llm.prefill(embeds)
+        self.timings.prefill_s = time.perf_counter() - t
+        return logits
+
+    def _stop(self, reason: str):
+        self._done(reason)
+        raise StopIteration
+
+    def _done(self, reason: str) -> None:
+        self._finish = reason
+        t_end = time.perf_counter()
+        tm = self.timings
+        tm.generated_tokens = len(self.token_ids)
+        tm.total_s = t_end - self._t0
+        if tm.decode_s > 0:
+            tm.decode_tokens_per_s = self._decode_steps / tm.decode_s
+        tail = self._stream.flush()
+        self._result = GenerationResult(
+            text=self._stream.text, token_ids=list(self.token_ids),
+            prompt_token_ids=list(self.prompt_ids), finish_reason=reason, timings=tm,
+            text_tail=tail)
+        self._pixels = None
+        self._logits = None
+        self._pipe._release(self)
+
+    def _fail(self, exc: BaseException) -> None:
+        """A backend (or other) error: reset the KV state and free the pipeline."""
+        self._finish = "error"
+        self._error = exc
+        try:
+            self._pipe.llm.reset()
+        finally:
+            self._pipe._release(self)

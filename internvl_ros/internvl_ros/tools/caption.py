@@ -1,0 +1,102 @@
+"""internvl-caption: describe images or a video offline, from the command line.
+
+    internvl-caption --model-dir DIR --image a.jpg --prompt "What is in front of the robot?"
+    internvl-caption --model-dir AXERA_ROOT --backend axengine --image a.jpg --prompt ... --stream
+    internvl-caption --model-dir DIR --video clip.mp4 --frames 8 --prompt ... --json
+
+Errors of the runtime print one line on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="internvl-caption", description=__doc__.split("\n")[0])
+    p.add_argument("--model-dir", required=True,
+                   help="host export dir, or the root of the AXERA-TECH download")
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "axengine"))
+    p.add_argument("--provider", default=None,
+                   help="onnxruntime execution provider, or AxEngineExecutionProvider / "
+                        "AXCLRTExecutionProvider")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image file (repeat for several images)")
+    p.add_argument("--video", default=None, metavar="PATH", help="a video file")
+    p.add_argument("--frames", type=int, default=8, help="frames sampled from --video")
+    p.add_argument("--max-tiles", type=int, default=1,
+                   help="max 448x448 tiles per image (dynamic tiling; 1 on the AX650N)")
+    p.add_argument("--prompt", required=True, help="the question")
+    p.add_argument("--system-prompt", default=None, help="default: InternVL's")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-context", type=int, default=None,
+                   help="context window in tokens (host default 2048; NPU: the build's)")
+    p.add_argument("--stream", action="store_true",
+                   help="print text as it is generated (to stderr with --json)")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the result")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from internvl_ros.core import GenerationConfig, Pipeline, load_image, sample_video_frames
+    from internvl_ros.core.errors import ImageDecodeError
+
+    if args.image and args.video:
+        raise ImageDecodeError("use either --image or --video, not both")
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p,
+                              repetition_penalty=args.repetition_penalty, seed=args.seed)
+    if args.video:
+        images, video = sample_video_frames(args.video, args.frames), True
+    else:
+        images, video = [load_image(p) for p in args.image], False
+    pipe = Pipeline.from_model_dir(args.model_dir, backend=args.backend, provider=args.provider,
+                                   num_threads=args.threads, max_context=args.max_context,
+                                   max_tiles=args.max_tiles)
+    try:
+        gen = pipe.generate(args.prompt, images=images, video=video,
+                            system_prompt=args.system_prompt, config=config)
+        out = sys.stderr if args.json else sys.stdout
+        for step in gen:
+            if args.stream and step.text_delta:
+                out.write(step.text_delta)
+                out.flush()
+        result = gen.result
+    finally:
+        pipe.close()
+    if args.stream:
+        out.write(result.text_tail + "\n")
+        out.flush()
+    if args.json:
+        record = result.to_dict()
+        record["backend"] = args.backend
+        print(json.dumps(record, ensure_ascii=False))
+    elif not args.stream:
+        print(result.text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from internvl_ros.core.errors import InternVLError
+
+    try:
+        return run(args)
+    except InternVLError as exc:
+        print(f"internvl-caption: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("internvl-caption: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
