@@ -15,7 +15,7 @@ PKG_SOURCES := $(shell find internvl_ros_interfaces -type f 2>/dev/null) \
 	$(shell find internvl_ros/internvl_ros -maxdepth 1 -type d 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: help setup build lint test clean
+.PHONY: help setup build lint test demo clean
 
 help:
 	@echo "make demo   set everything up and run the demo (replay a bag into the node)"
@@ -49,6 +49,10 @@ lint: $(DEPS_STAMP)
 
 test: setup lint
 	source env.sh && python -m pytest internvl_ros/test $(PYTEST_ARGS)
+
+# MODEL_DIR=... BACKEND=axengine BAG=... TOPIC=... are read by the demo script.
+demo: setup
+	source env.sh && python -m internvl_ros.tools.demo
 
 clean:
 	rm -rf build install log .cache

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import array
+import dataclasses
 import json
+import queue
 import statistics
 import sys
 import threading
@@ -121,59 +123,92 @@ class Progress:
               file=sys.stderr, flush=True)
 
 
+def _msg_fields(cls) -> list[str]:
+    """The message fields of a rosbags message class (not its __msgtype__ marker)."""
+    return [f.name for f in dataclasses.fields(cls) if not f.name.startswith("__")]
+
+
 class Recorder:
-    """Writes the replayed images and the node's captions to a rosbag2 (sqlite3)."""
+    """Writes the replayed images and the node's captions to a rosbag2 (sqlite3).
+
+    rosbags' sqlite3 writer must be used from the thread that opened it, and messages come from
+    the replay loop and from the executor thread: one writer thread owns the bag, fed by a queue.
+    """
 
     def __init__(self, path: Path, image_topic: str, kind: str, node: str) -> None:
         from ament_index_python.packages import get_package_share_directory
-        from rosbags.rosbag2 import Writer
 
         share = Path(get_package_share_directory("internvl_ros_interfaces")) / "msg"
         self.store = ros2_typestore({
             "internvl_ros_interfaces/msg/Timings": share / "Timings.msg",
             "internvl_ros_interfaces/msg/Caption": share / "Caption.msg",
         })
-        self.lock = threading.Lock()
-        self.writer = Writer(path, version=9)
-        self.writer.open()
         self.kind = kind
-        self.image = self.writer.add_connection(image_topic, msgtype_of(kind),
-                                                typestore=self.store)
-        self.caption = self.writer.add_connection(f"{node}/caption", "std_msgs/msg/String",
-                                                  typestore=self.store)
-        self.stamped = self.writer.add_connection(f"{node}/caption_stamped",
-                                                  "internvl_ros_interfaces/msg/Caption",
-                                                  typestore=self.store)
+        self.topics = {
+            "image": (image_topic, msgtype_of(kind)),
+            "caption": (f"{node}/caption", "std_msgs/msg/String"),
+            "stamped": (f"{node}/caption_stamped", "internvl_ros_interfaces/msg/Caption"),
+        }
+        self.queue: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(path, ready), daemon=True)
+        self.thread.start()
+        ready.wait()
+        if self.error:
+            raise BagError(f"cannot write {path}: {self.error}")
 
-    def _write(self, conn, msg, msgtype: str) -> None:
-        with self.lock:
-            self.writer.write(conn, time.time_ns(), self.store.serialize_cdr(msg, msgtype))
+    def _run(self, path: Path, ready: threading.Event) -> None:
+        from rosbags.rosbag2 import Writer
+
+        try:
+            writer = Writer(path, version=9)
+            writer.open()
+            conns = {key: writer.add_connection(topic, msgtype, typestore=self.store)
+                     for key, (topic, msgtype) in self.topics.items()}
+        except Exception as exc:  # reported to the caller by __init__
+            self.error = exc
+            ready.set()
+            return
+        ready.set()
+        try:
+            while (item := self.queue.get()) is not None:
+                key, t_ns, msg = item
+                writer.write(conns[key], t_ns,
+                             self.store.serialize_cdr(msg, self.topics[key][1]))
+        except Exception as exc:
+            self.error = exc
+        finally:
+            writer.close()
+
+    def _put(self, key: str, msg) -> None:
+        self.queue.put((key, time.time_ns(), msg))
 
     def frame(self, frame: BagFrame) -> None:
-        self._write(self.image, frame_to_rosbags(self.store, frame), msgtype_of(self.kind))
+        self._put("image", frame_to_rosbags(self.store, frame))
 
     def caption_text(self, text: str) -> None:
-        self._write(self.caption, self.store.types["std_msgs/msg/String"](data=text),
-                    "std_msgs/msg/String")
+        self._put("caption", self.store.types["std_msgs/msg/String"](data=text))
 
     def caption_stamped(self, ros_msg) -> None:
         t = self.store.types
-        timings = t["internvl_ros_interfaces/msg/Timings"](
-            **{name: getattr(ros_msg.timings, name)
-               for name in t["internvl_ros_interfaces/msg/Timings"].__dataclass_fields__})
+        timings_cls = t["internvl_ros_interfaces/msg/Timings"]
+        caption_cls = t["internvl_ros_interfaces/msg/Caption"]
+        timings = timings_cls(**{name: getattr(ros_msg.timings, name)
+                                 for name in _msg_fields(timings_cls)})
         header = t["std_msgs/msg/Header"](
             stamp=t["builtin_interfaces/msg/Time"](sec=ros_msg.header.stamp.sec,
                                                    nanosec=ros_msg.header.stamp.nanosec),
             frame_id=ros_msg.header.frame_id)
-        fields = {name: getattr(ros_msg, name)
-                  for name in t["internvl_ros_interfaces/msg/Caption"].__dataclass_fields__
+        fields = {name: getattr(ros_msg, name) for name in _msg_fields(caption_cls)
                   if name not in ("header", "timings")}
-        msg = t["internvl_ros_interfaces/msg/Caption"](header=header, timings=timings, **fields)
-        self._write(self.stamped, msg, "internvl_ros_interfaces/msg/Caption")
+        self._put("stamped", caption_cls(header=header, timings=timings, **fields))
 
     def close(self) -> None:
-        with self.lock:
-            self.writer.close()
+        self.queue.put(None)
+        self.thread.join()
+        if self.error:
+            raise BagError(f"recording failed: {self.error}")
 
 
 def timings_dict(timings) -> dict:
@@ -283,6 +318,12 @@ class Replay:
         }
 
     def _on_caption_stamped(self, msg) -> None:
+        try:
+            self._handle_caption_stamped(msg)
+        except Exception as exc:  # an exception here would stop the executor thread
+            print(f"internvl-bag-replay: dropped a caption: {exc}", file=sys.stderr)
+
+    def _handle_caption_stamped(self, msg) -> None:
         if self.recorder:
             self.recorder.caption_stamped(msg)
         if self.args.continuous and msg.source == "continuous":
@@ -400,9 +441,7 @@ def _renumber(frame: BagFrame, index: int) -> BagFrame:
     """The frame with its replay index (which keeps counting across --loop)."""
     if frame.index == index:
         return frame
-    from dataclasses import replace
-
-    return replace(frame, index=index)
+    return dataclasses.replace(frame, index=index)
 
 
 def summary_table(records: list[dict], frames: int) -> str:

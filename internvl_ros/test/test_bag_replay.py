@@ -1,0 +1,208 @@
+"""internvl-bag-replay against a running internvl_node on the tiny model (issue: rosbag replay).
+
+Real processes over DDS: the node, the replay tool, and the offline caption CLI as the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT
+
+MAX_NEW_TOKENS = 12
+PROMPT = "What is in front of the robot?"
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> Path:
+    from internvl_ros.export.testing import tiny_model_dirs
+
+    return Path(tiny_model_dirs("a")[1])
+
+
+def _start_node(model_dir: Path, name: str, extra: list[str] = ()) -> subprocess.Popen:
+    cmd = ["internvl_node", "--ros-args", "-r", f"__node:={name}",
+           "-p", f"model_dir:={model_dir}", "-p", f"max_new_tokens:={MAX_NEW_TOKENS}",
+           *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=REPO_ROOT)
+
+
+def _stop(proc: subprocess.Popen) -> str:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.stdout.read()
+
+
+@pytest.fixture(scope="module")
+def node(ros_domain, model_dir):
+    proc = _start_node(model_dir, "internvl_replay_test")
+    yield "/internvl_replay_test"
+    log = _stop(proc)
+    assert proc.returncode == 0, log
+
+
+def _replay(bag: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = ["internvl-bag-replay", str(bag), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT,
+                          stdin=subprocess.DEVNULL)
+
+
+def _reference_caption(image_path: Path, model_dir: Path) -> list[int]:
+    out = subprocess.run(
+        ["internvl-caption", "--model-dir", str(model_dir), "--image", str(image_path),
+         "--prompt", PROMPT, "--max-new-tokens", str(MAX_NEW_TOKENS), "--json"],
+        capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(out.stdout)
+
+
+def _frames_of(bag: Path, topic: str):
+    from internvl_ros.tools.bagio import ImageBag
+
+    with ImageBag(bag, topic) as b:
+        return list(b.frames())
+
+
+def _frame_rgb(frame) -> np.ndarray:
+    if frame.kind == "compressed":
+        bgr = cv2.imdecode(np.frombuffer(frame.data, np.uint8), cv2.IMREAD_COLOR)
+        return bgr[..., ::-1]
+    arr = np.frombuffer(frame.data, np.uint8).reshape(frame.height, frame.step)
+    if frame.encoding == "rgb8":
+        return arr[:, : frame.width * 3].reshape(frame.height, frame.width, 3)
+    if frame.encoding == "bgr8":
+        return arr[:, : frame.width * 3].reshape(frame.height, frame.width, 3)[..., ::-1]
+    raise AssertionError(frame.encoding)
+
+
+def _check_round_trip(tmp_path, bag, topic, every, node, model_dir):
+    out = tmp_path / f"{bag.name}.jsonl"
+    res = _replay(bag, "--topic", topic, "--node", node, "--describe-every", str(every),
+                  "--prompt", PROMPT, "--rate", "5", "--output", str(out))
+    assert res.returncode == 0, res.stderr + res.stdout
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    frames = _frames_of(bag, topic)
+    described = [f for f in frames if f.index % every == 0]
+    # every described frame yields exactly one line, in order, with the source stamp
+    assert [r["frame_index"] for r in lines] == [f.index for f in described]
+    for rec, frame in zip(lines, described):
+        assert rec["success"], rec
+        assert rec["stamp"] == {"sec": frame.stamp_sec, "nanosec": frame.stamp_nanosec}
+        assert rec["prompt"] == PROMPT
+        assert rec["timings"]["generated_tokens"] > 0
+        # the greedy text equals the offline CLI on the same image
+        img_path = tmp_path / f"{bag.name}-{frame.index}.png"
+        cv2.imwrite(str(img_path), _frame_rgb(frame)[..., ::-1])
+        if frame.kind == "compressed":  # the very bytes the node got
+            img_path = img_path.with_suffix(".jpg")
+            img_path.write_bytes(frame.data)
+        ref = _reference_caption(img_path, model_dir)
+        assert rec["text"] == ref["text"], (frame.index, rec["text"], ref["text"])
+    # the summary table is printed
+    assert "median TTFT" in res.stdout and "p95 TTFT" in res.stdout
+    return lines
+
+
+def test_mcap_compressed_round_trip(tmp_path, node, model_dir):
+    from internvl_ros.tools.demo_bag import COMPRESSED_TOPIC, write_demo_bag
+
+    bag = write_demo_bag(tmp_path / "mcap_bag", frames=5, fps=10, storage="mcap",
+                         kinds=("compressed",))
+    lines = _check_round_trip(tmp_path, bag, COMPRESSED_TOPIC, 2, node, model_dir)
+    assert len(lines) == 3
+
+
+def test_sqlite3_raw_two_encodings_round_trip(tmp_path, node, model_dir):
+    from internvl_ros.tools.demo_bag import RAW_TOPIC, write_demo_bag
+
+    bag = write_demo_bag(tmp_path / "sqlite_bag", frames=4, fps=10, storage="sqlite3",
+                         kinds=("raw",), raw_encodings=("rgb8", "bgr8"))
+    encodings = {f.encoding for f in _frames_of(bag, RAW_TOPIC)}
+    assert encodings == {"rgb8", "bgr8"}
+    lines = _check_round_trip(tmp_path, bag, RAW_TOPIC, 1, node, model_dir)
+    assert len(lines) == 4
+    # rgb8 and bgr8 of the same scene describe the same picture: frames differ, so compare
+    # each against its own reference (done above); here just check that texts are non-empty
+    assert all(line["text"] for line in lines)
+
+
+def test_record_writes_images_and_captions(tmp_path, node):
+    from rosbags.highlevel import AnyReader
+
+    from internvl_ros.tools.demo_bag import RAW_TOPIC, write_demo_bag
+
+    bag = write_demo_bag(tmp_path / "rec_src", frames=3, fps=10, storage="mcap",
+                         kinds=("raw",))
+    out_bag = tmp_path / "recorded"
+    res = _replay(bag, "--node", node, "--describe-every", "1", "--record", str(out_bag),
+                  "--rate", "5")
+    assert res.returncode == 0, res.stderr
+    with AnyReader([out_bag]) as reader:
+        counts = {name: info.msgcount for name, info in reader.topics.items()}
+        stamped = [reader.deserialize(raw, c.msgtype) for c, _, raw in
+                   reader.messages([c for c in reader.connections
+                                    if c.topic.endswith("caption_stamped")])]
+    assert counts[RAW_TOPIC] == 3
+    assert counts[f"{node}/caption"] == 3
+    assert counts[f"{node}/caption_stamped"] == 3
+    src = _frames_of(bag, RAW_TOPIC)
+    assert sorted((m.header.stamp.sec, m.header.stamp.nanosec) for m in stamped) == \
+        [(f.stamp_sec, f.stamp_nanosec) for f in src]
+
+
+def test_missing_bag_is_a_clear_error(tmp_path):
+    res = _replay(tmp_path / "no_such_bag", timeout=60)
+    assert res.returncode == 2
+    assert "bag not found" in res.stderr and "no_such_bag" in res.stderr
+
+
+def test_wrong_topic_lists_the_topics(tmp_path):
+    from internvl_ros.tools.demo_bag import write_demo_bag
+
+    bag = write_demo_bag(tmp_path / "b", frames=1, storage="mcap")
+    res = _replay(bag, "--topic", "/front_camera/image", timeout=60)
+    assert res.returncode == 2
+    assert "/front_camera/image is not in bag" in res.stderr
+    assert "/camera/image_raw  [sensor_msgs/msg/Image]" in res.stderr
+    assert "/camera/image_raw/compressed  [sensor_msgs/msg/CompressedImage]" in res.stderr
+
+
+def test_unreachable_node_times_out(tmp_path, ros_domain):
+    from internvl_ros.tools.demo_bag import RAW_TOPIC, write_demo_bag
+
+    bag = write_demo_bag(tmp_path / "b", frames=2, storage="mcap", kinds=("raw",))
+    t0 = time.monotonic()
+    res = _replay(bag, "--topic", RAW_TOPIC, "--node", "/nobody_here", "--timeout", "3",
+                  timeout=60)
+    assert res.returncode == 3
+    assert "did not answer" in res.stderr and "/nobody_here/describe" in res.stderr
+    assert time.monotonic() - t0 < 30
+
+
+def test_demo_script_runs_end_to_end(tmp_path, ros_domain, model_dir):
+    """What `make demo` runs, with a short bag: status 0, >= 3 captions and the summary."""
+    env = dict(os.environ, INTERNVL_DEMO_CACHE=str(tmp_path / "demo-cache"))
+    res = subprocess.run(
+        [sys.executable, "-m", "internvl_ros.tools.demo", "--model-dir", str(model_dir),
+         "--frames", "12", "--describe-every", "4", "--timeout", "120"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=REPO_ROOT,
+        stdin=subprocess.DEVNULL)
+    assert res.returncode == 0, res.stdout + res.stderr
+    captions = [line for line in res.stdout.splitlines() if line.startswith("[frame ")]
+    assert len(captions) >= 3, res.stdout
+    assert "| captions" in res.stdout and "median TTFT" in res.stdout
