@@ -100,7 +100,7 @@ def _check_round_trip(tmp_path, bag, topic, every, node, model_dir):
     described = [f for f in frames if f.index % every == 0]
     # every described frame yields exactly one line, in order, with the source stamp
     assert [r["frame_index"] for r in lines] == [f.index for f in described]
-    for rec, frame in zip(lines, described):
+    for rec, frame in zip(lines, described, strict=True):
         assert rec["success"], rec
         assert rec["stamp"] == {"sec": frame.stamp_sec, "nanosec": frame.stamp_nanosec}
         assert rec["prompt"] == PROMPT
