@@ -206,3 +206,26 @@ def test_demo_script_runs_end_to_end(tmp_path, ros_domain, model_dir):
     captions = [line for line in res.stdout.splitlines() if line.startswith("[frame ")]
     assert len(captions) >= 3, res.stdout
     assert "| captions" in res.stdout and "median TTFT" in res.stdout
+
+
+def test_continuous_mode_records_the_nodes_captions(tmp_path, ros_domain, model_dir):
+    from internvl_ros.tools.demo_bag import RAW_TOPIC, write_demo_bag
+
+    bag = write_demo_bag(tmp_path / "cont", frames=20, fps=10, storage="mcap", kinds=("raw",))
+    proc = _start_node(model_dir, "internvl_continuous",
+                       ["-p", "caption_rate_hz:=2.0", "-r", f"image:={RAW_TOPIC}"])
+    try:
+        out = tmp_path / "cont.jsonl"
+        res = _replay(bag, "--node", "/internvl_continuous", "--continuous", "--drain", "3",
+                      "--output", str(out))
+    finally:
+        log = _stop(proc)
+    assert res.returncode == 0, res.stderr + log
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert lines, res.stdout + res.stderr + log
+    stamps = {(f.stamp_sec, f.stamp_nanosec): f.index for f in _frames_of(bag, RAW_TOPIC)}
+    for rec in lines:
+        assert rec["source"] == "continuous" and rec["success"] and rec["text"]
+        key = (rec["stamp"]["sec"], rec["stamp"]["nanosec"])
+        assert key in stamps
+        assert rec["frame_index"] == stamps[key]
