@@ -1,0 +1,439 @@
+"""Turn the fields of sensor_msgs/Image and sensor_msgs/CompressedImage into RGB uint8 arrays.
+
+numpy only; rclpy is never imported here. Messages are duck-typed: anything with the fields of
+``sensor_msgs/Image`` (``height``, ``width``, ``encoding``, ``is_bigendian``, ``step``, ``data``)
+or ``sensor_msgs/CompressedImage`` (``format``, ``data``) works, so tests can pass plain objects.
+
+Two steps, so that a 30 Hz camera stays cheap:
+
+- ``check_frame(msg, max_dim)`` validates on arrival in O(1) (header fields, data size, the
+  magic bytes, dimensions and end marker of compressed data) and raises ``BadFrameError``.
+- ``frame_to_rgb(msg, max_dim)`` converts at request time. Raw frames go through cv_bridge when
+  it imports, else rosbags-image, else the numpy code below; our own step strips row padding
+  and fixes byte order first, because the libraries do not all handle ``step > width * bpp``.
+  Compressed frames are decoded with OpenCV (what cv_bridge and rosbags-image use), else Pillow.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+
+from internvl_ros.core.errors import ImageDecodeError
+
+# encoding -> (channels, bytes per channel)
+RAW_ENCODINGS: dict[str, tuple[int, int]] = {
+    "rgb8": (3, 1),
+    "bgr8": (3, 1),
+    "rgba8": (4, 1),
+    "bgra8": (4, 1),
+    "mono8": (1, 1),
+    "mono16": (1, 2),
+    "rgb16": (3, 2),
+    "bgr16": (3, 2),
+    "yuv422": (2, 1),  # UYVY: U0 Y0 V0 Y1
+    "uyvy": (2, 1),
+    "yuyv": (2, 1),  # YUYV: Y0 U0 Y1 V0
+    "yuv422_yuy2": (2, 1),
+    "bayer_rggb8": (1, 1),
+    "bayer_bggr8": (1, 1),
+    "bayer_gbrg8": (1, 1),
+    "bayer_grbg8": (1, 1),
+}
+YUV422_ENCODINGS = ("yuv422", "uyvy", "yuyv", "yuv422_yuy2")
+COMPRESSED_FORMATS = ("jpeg", "png")
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+class BadFrameError(ImageDecodeError):
+    """A frame that cannot be described. ``kind`` is one of ``KINDS`` (used for counting)."""
+
+    KINDS = ("size", "encoding", "empty", "too_large", "corrupt")
+
+    def __init__(self, kind: str, message: str):
+        assert kind in self.KINDS, kind
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class FrameInfo:
+    """What ``check_frame`` learned about a frame without decoding it."""
+
+    width: int
+    height: int
+    encoding: str  # raw encoding, or "jpeg" / "png" for compressed frames
+    compressed: bool
+
+
+def is_compressed(msg) -> bool:
+    """True for a CompressedImage-like message (it has ``format`` and no ``encoding``)."""
+    return hasattr(msg, "format") and not hasattr(msg, "encoding")
+
+
+def _as_bytes_view(data) -> np.ndarray:
+    """A zero-copy uint8 view of a message's ``data`` (array.array, bytes, memoryview, list)."""
+    if isinstance(data, np.ndarray):
+        return data.reshape(-1).view(np.uint8)
+    try:
+        return np.frombuffer(data, dtype=np.uint8)
+    except TypeError:  # a list of ints
+        return np.asarray(data, dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation (cheap, on arrival)
+
+
+def check_frame(msg, max_dim: int) -> FrameInfo:
+    """Validate a raw or compressed frame without converting it; raise ``BadFrameError``."""
+    if is_compressed(msg):
+        return check_compressed(msg, max_dim)
+    return check_image(msg, max_dim)
+
+
+def check_image(msg, max_dim: int) -> FrameInfo:
+    """Validate the header of a sensor_msgs/Image against its data."""
+    enc = str(msg.encoding).strip().lower()
+    w, h, step = int(msg.width), int(msg.height), int(msg.step)
+    if enc not in RAW_ENCODINGS:
+        raise BadFrameError(
+            "encoding",
+            f"unsupported encoding '{msg.encoding}' ({w}x{h}); supported: "
+            f"{', '.join(RAW_ENCODINGS)}; publish one of them or use image/compressed",
+        )
+    if w <= 0 or h <= 0:
+        raise BadFrameError("empty", f"image has zero size: width={w} height={h}")
+    if w > max_dim or h > max_dim:
+        raise BadFrameError(
+            "too_large",
+            f"image {w}x{h} exceeds max_image_dim={max_dim}; resize it upstream or raise "
+            "the max_image_dim parameter",
+        )
+    channels, depth = RAW_ENCODINGS[enc]
+    row = w * channels * depth
+    if enc in YUV422_ENCODINGS:
+        row = w * 2
+        if w % 2:
+            raise BadFrameError("size", f"{enc} needs an even width, got width={w}")
+    if step < row:
+        raise BadFrameError(
+            "size", f"step={step} is smaller than width*bytes_per_pixel={row} ({enc}, width={w})"
+        )
+    n = len(msg.data)
+    if n != h * step:
+        raise BadFrameError(
+            "size",
+            f"data has {n} bytes but height*step = {h}*{step} = {h * step} ({w}x{h} {enc})",
+        )
+    return FrameInfo(w, h, enc, False)
+
+
+def compressed_kind(msg) -> str:
+    """'jpeg' or 'png' from the magic bytes (the ``format`` string is only a hint)."""
+    head = bytes(_as_bytes_view(msg.data)[:8])
+    if head.startswith(JPEG_MAGIC):
+        return "jpeg"
+    if head.startswith(PNG_MAGIC):
+        return "png"
+    fmt = str(getattr(msg, "format", ""))
+    raise BadFrameError(
+        "corrupt" if any(k in fmt.lower() for k in COMPRESSED_FORMATS) else "encoding",
+        f"compressed data (format '{fmt}', {len(msg.data)} bytes) is neither JPEG nor PNG; "
+        "supported formats: jpeg, png",
+    )
+
+
+def _png_size(buf: np.ndarray) -> tuple[int, int]:
+    """(width, height) from the IHDR chunk; checks the IEND trailer."""
+    if len(buf) < 33 or bytes(buf[12:16]) != b"IHDR":
+        raise BadFrameError("corrupt", f"PNG data ({len(buf)} bytes) has no IHDR chunk")
+    w, h = struct.unpack(">II", bytes(buf[16:24]))
+    if bytes(buf[-12:]) != b"\x00\x00\x00\x00IEND\xaeB`\x82":
+        raise BadFrameError("corrupt", f"PNG data ({len(buf)} bytes) is truncated: no IEND chunk")
+    return w, h
+
+
+_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_size(buf: np.ndarray) -> tuple[int, int]:
+    """(width, height) from the first SOF segment; checks the EOI marker at the end."""
+    tail = bytes(buf[-64:]).rstrip(b"\x00")  # some encoders pad after EOI
+    if not tail.endswith(b"\xff\xd9"):
+        raise BadFrameError("corrupt", f"JPEG data ({len(buf)} bytes) is truncated: no EOI marker")
+    data = bytes(buf[: min(len(buf), 1 << 20)])  # headers sit at the front
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            break
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # standalone markers
+            i += 2
+            continue
+        (seg_len,) = struct.unpack(">H", data[i + 2 : i + 4])
+        if seg_len < 2:
+            break
+        if marker in _SOF_MARKERS:
+            if i + 9 > len(data):
+                break
+            h, w = struct.unpack(">HH", data[i + 5 : i + 9])
+            return w, h
+        if marker == 0xDA:  # start of scan before any SOF
+            break
+        i += 2 + seg_len
+    raise BadFrameError("corrupt", f"JPEG data ({len(buf)} bytes) has no valid frame header")
+
+
+def check_compressed(msg, max_dim: int) -> FrameInfo:
+    """Validate a CompressedImage: magic bytes, header dimensions, end marker."""
+    buf = _as_bytes_view(msg.data)
+    if len(buf) == 0:
+        raise BadFrameError("empty", f"compressed image (format '{msg.format}') has no data")
+    kind = compressed_kind(msg)
+    w, h = _png_size(buf) if kind == "png" else _jpeg_size(buf)
+    if w <= 0 or h <= 0:
+        raise BadFrameError("empty", f"{kind} header says zero size: width={w} height={h}")
+    if w > max_dim or h > max_dim:
+        raise BadFrameError(
+            "too_large",
+            f"{kind} image {w}x{h} exceeds max_image_dim={max_dim}; resize it upstream or "
+            "raise the max_image_dim parameter",
+        )
+    return FrameInfo(w, h, kind, True)
+
+
+# ---------------------------------------------------------------------------------------------
+# conversion (at request time)
+
+
+def pack_rows(msg) -> np.ndarray:
+    """The pixel bytes of a validated Image without row padding, in native byte order.
+
+    Returns (h, w, channels) uint8 or uint16; YUV 4:2:2 comes back as (h, w, 2) uint8.
+    """
+    enc = str(msg.encoding).strip().lower()
+    channels, depth = RAW_ENCODINGS[enc]
+    w, h, step = int(msg.width), int(msg.height), int(msg.step)
+    buf = _as_bytes_view(msg.data)
+    rows = buf[: h * step].reshape(h, step)[:, : w * channels * depth]  # (h, w*c*depth)
+    if depth == 1:
+        return np.ascontiguousarray(rows).reshape(h, w, channels)
+    dtype = np.dtype(">u2" if msg.is_bigendian else "<u2")
+    px = np.ascontiguousarray(rows).view(dtype).reshape(h, w, channels)
+    return px.astype(np.uint16)  # native order
+
+
+def _u16_to_u8(x: np.ndarray) -> np.ndarray:
+    """Scale 16-bit to 8-bit the way cv_bridge does (x * 255 / 65535, rounded)."""
+    return ((x.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def _yuv_to_rgb(y: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """BT.601 limited range (what OpenCV uses for YUV 4:2:2). Shapes (h, w) -> (h, w, 3)."""
+    y = (y.astype(np.float32) - 16.0) * 1.164
+    u = u.astype(np.float32) - 128.0
+    v = v.astype(np.float32) - 128.0
+    r = y + 1.596 * v
+    g = y - 0.813 * v - 0.391 * u
+    b = y + 2.018 * u
+    return np.clip(np.rint(np.stack([r, g, b], axis=-1)), 0, 255).astype(np.uint8)
+
+
+def _yuv422_to_rgb(px: np.ndarray, uyvy: bool) -> np.ndarray:
+    """(h, w, 2) packed 4:2:2 -> (h, w, 3) RGB."""
+    h, w, _ = px.shape
+    quad = px.reshape(h, w // 2, 4)  # one chroma pair per two pixels
+    if uyvy:
+        u, y0, v, y1 = (quad[..., k] for k in range(4))
+    else:
+        y0, u, y1, v = (quad[..., k] for k in range(4))
+    y = np.stack([y0, y1], axis=-1).reshape(h, w)  # (h, w)
+    u = np.repeat(u, 2, axis=1)  # (h, w)
+    v = np.repeat(v, 2, axis=1)
+    return _yuv_to_rgb(y, u, v)
+
+
+def _box3(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """3x3 correlation with zero padding. (h, w) float32 -> (h, w)."""
+    h, w = x.shape
+    p = np.pad(x, 1)
+    out = np.zeros_like(x)
+    for dy in range(3):
+        for dx in range(3):
+            if kernel[dy, dx]:
+                out += kernel[dy, dx] * p[dy : dy + h, dx : dx + w]
+    return out
+
+
+_K_GREEN = np.array([[0, 1, 0], [1, 4, 1], [0, 1, 0]], np.float32)
+_K_RB = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], np.float32)
+
+
+def _demosaic(raw: np.ndarray, pattern: str) -> np.ndarray:
+    """Bilinear demosaic of an 8-bit Bayer mosaic. pattern like 'rggb'. (h, w) -> (h, w, 3)."""
+    h, w = raw.shape
+    x = raw.astype(np.float32)
+    out = np.empty((h, w, 3), np.float32)
+    for c, name in enumerate("rgb"):
+        mask = np.zeros((h, w), np.float32)
+        for k, p in enumerate(pattern):  # 2x2 cell: k = 2*row + col
+            if p == name:
+                mask[k // 2 :: 2, k % 2 :: 2] = 1.0
+        kern = _K_GREEN if name == "g" else _K_RB
+        # normalised convolution: average of the known neighbours, exact where known
+        est = _box3(x * mask, kern) / np.maximum(_box3(mask, kern), 1e-6)
+        out[..., c] = np.where(mask > 0, x, est)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def image_to_rgb_numpy(msg) -> np.ndarray:
+    """Our own conversion of a validated Image to (h, w, 3) RGB uint8."""
+    enc = str(msg.encoding).strip().lower()
+    px = pack_rows(msg)  # (h, w, c)
+    if enc in ("yuv422", "uyvy"):
+        return _yuv422_to_rgb(px, uyvy=True)
+    if enc in ("yuyv", "yuv422_yuy2"):
+        return _yuv422_to_rgb(px, uyvy=False)
+    if enc.startswith("bayer_"):
+        return _demosaic(px[..., 0], enc[len("bayer_") : len("bayer_") + 4])
+    if px.dtype == np.uint16:
+        px = _u16_to_u8(px)
+    if enc.startswith("mono"):
+        return np.repeat(px, 3, axis=2)
+    if enc.startswith("bgr"):
+        px = px[..., 2::-1]
+    return np.ascontiguousarray(px[..., :3])
+
+
+def _packed_msg(msg, px: np.ndarray) -> SimpleNamespace:
+    """An Image-like object with tight rows in native byte order (for the libraries)."""
+    h, w = px.shape[:2]
+    return SimpleNamespace(
+        header=getattr(msg, "header", None),
+        height=h,
+        width=w,
+        encoding=str(msg.encoding).strip().lower(),
+        is_bigendian=int(sys.byteorder == "big"),
+        step=px.strides[0],
+        data=px.tobytes(),
+    )
+
+
+def _cv_bridge():
+    try:
+        from cv_bridge import CvBridge
+
+        return CvBridge()
+    except Exception:  # ImportError, or a cv_bridge built against another numpy
+        return None
+
+
+def _rosbags_image():
+    try:
+        from rosbags.image import image_to_cvimage
+
+        return image_to_cvimage
+    except Exception:
+        return None
+
+
+def _cv2():
+    try:
+        import cv2
+
+        return cv2
+    except Exception:
+        return None
+
+
+_CONVERTERS: dict[str, object] = {}  # name -> converter or None; filled once
+
+
+def available_converters() -> list[str]:
+    """Converters for raw frames that import here, in order of preference."""
+    if not _CONVERTERS:  # import once: a failed import is not cached by Python
+        _CONVERTERS["cv_bridge"] = _cv_bridge()
+        _CONVERTERS["rosbags"] = _rosbags_image()
+    names = [n for n in ("cv_bridge", "rosbags") if _CONVERTERS.get(n) is not None]
+    return [*names, "numpy"]
+
+
+def image_to_rgb(msg, converter: str = "auto") -> np.ndarray:
+    """Convert a validated sensor_msgs/Image to (h, w, 3) RGB uint8.
+
+    converter: 'auto' (cv_bridge, else rosbags-image, else numpy) or one of those names.
+    """
+    names = available_converters()
+    if converter != "auto" and converter not in names:
+        raise ValueError(f"converter '{converter}' is not available here; available: {names}")
+    name = names[0] if converter == "auto" else converter
+    if name == "numpy":
+        return image_to_rgb_numpy(msg)
+    packed = _packed_msg(msg, pack_rows(msg))
+    try:
+        if name == "cv_bridge":
+            out = _CONVERTERS["cv_bridge"].imgmsg_to_cv2(packed, desired_encoding="rgb8")
+        else:
+            out = _CONVERTERS["rosbags"](packed, "rgb8")
+    except Exception:  # the library refused this encoding: our own code covers it
+        return image_to_rgb_numpy(msg)
+    out = np.asarray(out)
+    if out.ndim != 3 or out.shape[2] != 3 or out.dtype != np.uint8:
+        return image_to_rgb_numpy(msg)
+    return np.ascontiguousarray(out)
+
+
+def compressed_to_rgb(msg, max_dim: int) -> np.ndarray:
+    """Decode a validated CompressedImage (JPEG or PNG) to (h, w, 3) RGB uint8."""
+    info = check_compressed(msg, max_dim)  # never decode a header we have not checked
+    buf = np.ascontiguousarray(_as_bytes_view(msg.data))
+    cv2 = _cv2()
+    if cv2 is not None:
+        bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)  # 8-bit, 3 channels, also for gray/16-bit
+        if bgr is None:
+            raise BadFrameError("corrupt", f"{info.encoding} data ({len(buf)} bytes) is corrupt")
+        rgb = np.ascontiguousarray(bgr[..., ::-1])
+    else:
+        rgb = _decode_with_pillow(buf, info)
+    if rgb.shape[:2] != (info.height, info.width):
+        raise BadFrameError(
+            "corrupt",
+            f"{info.encoding} decoded to {rgb.shape[1]}x{rgb.shape[0]} but its header says "
+            f"{info.width}x{info.height}",
+        )
+    return rgb
+
+
+def _decode_with_pillow(buf: np.ndarray, info: FrameInfo) -> np.ndarray:
+    try:
+        import io
+
+        from PIL import Image
+    except ImportError as e:
+        raise ImageDecodeError(
+            "decoding compressed images needs OpenCV (python3-opencv or opencv-python-headless) "
+            "or Pillow; install one, or publish raw images and set image_transport: raw"
+        ) from e
+    try:
+        with Image.open(io.BytesIO(buf.tobytes())) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except Exception as e:
+        raise BadFrameError("corrupt", f"{info.encoding} data ({len(buf)} bytes): {e}") from e
+
+
+def frame_to_rgb(msg, max_dim: int, converter: str = "auto") -> np.ndarray:
+    """Validate and convert a raw or compressed frame to (h, w, 3) RGB uint8."""
+    if is_compressed(msg):
+        return compressed_to_rgb(msg, max_dim)
+    check_image(msg, max_dim)
+    return image_to_rgb(msg, converter)

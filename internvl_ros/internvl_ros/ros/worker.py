@@ -1,0 +1,266 @@
+"""One thread that owns the pipeline and runs one generation at a time from a bounded queue.
+
+No rclpy here. The node's handlers build a ``Job``, ``submit`` it (refused at once when the queue
+is full) and wait on it; the worker (or the handler, on timeout or cancel) finishes it exactly once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from internvl_ros.core.errors import InternVLError
+
+
+class RequestError(Exception):
+    """A request that cannot be served (no frame, stale frame, bad image); the message says why."""
+
+
+@dataclass
+class Outcome:
+    """What a request gets back. Exactly one per job."""
+
+    success: bool
+    message: str
+    text: str = ""
+    finish_reason: str = ""
+    header: object = None  # std_msgs/Header of the described image
+    timings: dict = field(default_factory=dict)
+    refused: bool = False  # busy: never queued
+
+    @classmethod
+    def fail(cls, message: str, header=None, **kw) -> Outcome:
+        return cls(False, message, header=header, **kw)
+
+
+@dataclass
+class Request:
+    """A generation to run. ``image`` None means: the latest frame, checked at generation time."""
+
+    prompt: str
+    system_prompt: str | None
+    max_new_tokens: int
+    max_frame_age: float  # seconds; inf accepts any age
+    source: str  # "service", "action" or "continuous"
+    image: object = None  # a sensor_msgs Image or CompressedImage from the request
+    on_delta: Callable[[str, str, int], None] | None = None  # (text so far, delta, n tokens)
+    arrival: float = field(default_factory=time.monotonic)
+
+
+class Job:
+    """A submitted request; ``finish`` is first-wins, so every job gets exactly one outcome."""
+
+    def __init__(self, request: Request):
+        self.request = request
+        self.cancel = threading.Event()
+        self.started = False
+        self.outcome: Outcome | None = None
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+
+    def finish(self, outcome: Outcome) -> bool:
+        """Set the outcome unless one is set already; True when this call set it."""
+        with self._lock:
+            if self.outcome is not None:
+                return False
+            self.outcome = outcome
+        self._done.set()
+        return True
+
+    def wait(self, timeout: float | None) -> bool:
+        return self._done.wait(timeout)
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+
+class InferenceWorker:
+    """Runs jobs one at a time on its own thread.
+
+    prepare(job) -> (rgb (h, w, 3) uint8, header, preprocess_s); raises RequestError.
+    make_config(job) -> the GenerationConfig for the job.
+    on_caption(job, outcome) is called on the worker thread for every finished caption (not for
+    failures or cancelled generations), before the job is finished: the node publishes there.
+    """
+
+    def __init__(self, pipeline, prepare, make_config, on_caption, logger, max_queue_fn):
+        self.pipeline = pipeline
+        self._prepare = prepare
+        self._make_config = make_config
+        self._on_caption = on_caption
+        self._log = logger
+        self._max_queue = max_queue_fn
+        self._queue: deque[Job] = deque()
+        self._current: Job | None = None
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="internvl-worker", daemon=True)
+        self._thread.start()
+
+    # --- called from handlers
+
+    def submit(self, job: Job) -> str | None:
+        """Queue ``job``; return None, or why it was refused (busy, shutting down)."""
+        with self._cond:
+            if self._stopping:
+                return "the node is shutting down"
+            max_queue = int(self._max_queue())
+            running = self._current is not None
+            if len(self._queue) + running >= 1 + max_queue:
+                return (
+                    f"busy: {int(running)} generation running and {len(self._queue)} request(s) "
+                    f"waiting (max_queue {max_queue}); try again later"
+                )
+            self._queue.append(job)
+            self._cond.notify()
+            return None
+
+    def withdraw(self, job: Job) -> bool:
+        """Take a job out of the queue if it has not started; True when it was withdrawn."""
+        with self._cond:
+            try:
+                self._queue.remove(job)
+                return True
+            except ValueError:
+                return False
+
+    def idle(self) -> bool:
+        with self._cond:
+            return self._current is None and not self._queue
+
+    def state(self) -> tuple[str, int]:
+        """('idle' | 'generating' | 'stopped', number waiting)."""
+        with self._cond:
+            if self._stopping:
+                return "stopped", len(self._queue)
+            return ("generating" if self._current else "idle"), len(self._queue)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Fail everything queued, cancel the running generation, join the thread."""
+        with self._cond:
+            self._stopping = True
+            pending = list(self._queue)
+            self._queue.clear()
+            if self._current is not None:
+                pending.append(self._current)
+                self._current.cancel.set()  # stops before the next token
+            self._cond.notify_all()
+        for job in pending:
+            job.finish(Outcome.fail("the node is shutting down"))
+        self._thread.join(timeout)
+
+    # --- the worker thread
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                job = self._queue.popleft()
+                self._current = job
+                job.started = True
+            try:
+                if job.cancel.is_set() or job.done:
+                    job.finish(Outcome.fail("cancelled before generation started",
+                                            finish_reason="cancelled"))
+                    continue
+                outcome = self._run(job)
+                is_caption = outcome.success and outcome.finish_reason != "cancelled"
+                if is_caption and not job.done:  # not timed out meanwhile
+                    try:
+                        self._on_caption(job, outcome)
+                    except Exception as e:  # publishing must not kill the worker
+                        self._log.error(f"publishing a caption failed: {e}")
+                job.finish(outcome)
+            finally:
+                with self._cond:
+                    self._current = None
+
+    def _run(self, job: Job) -> Outcome:
+        req = job.request
+        header = None
+        t_first = None
+        try:
+            rgb, header, convert_s = self._prepare(job)
+            config = self._make_config(job)
+            gen = self.pipeline.generate(
+                req.prompt, images=[rgb], system_prompt=req.system_prompt, config=config
+            )
+            try:
+                text, n = "", 0
+                for step in gen:
+                    if t_first is None:
+                        t_first = time.monotonic()
+                    n += 1
+                    text += step.text_delta
+                    if req.on_delta is not None:
+                        req.on_delta(text, step.text_delta, n)
+                    if job.cancel.is_set():
+                        gen.cancel()  # takes effect before the next token
+                res = gen.result
+            finally:
+                if not gen.finished:  # never leave the pipeline busy (e.g. feedback failed)
+                    gen.close()
+        except RequestError as e:
+            return Outcome.fail(str(e), header=header)
+        except InternVLError as e:  # prompt too long, bad image, model contract...
+            return Outcome.fail(f"{type(e).__name__}: {e}", header=header)
+        except Exception as e:  # the backend failed mid-generation (the core reset the cache)
+            self._log.error(f"generation failed: {e!r}\n{traceback.format_exc()}")
+            self._reset()
+            return Outcome.fail(f"backend error: {type(e).__name__}: {e}", header=header)
+        t_end = time.monotonic()
+        timings = timings_dict(res.timings)
+        # end to end, as the caller sees it: from the request's arrival (queue wait included)
+        timings["preprocess"] = timings.get("preprocess", 0.0) + convert_s
+        timings["ttft"] = (t_first - req.arrival) if t_first is not None else 0.0
+        timings["total"] = t_end - req.arrival
+        timings["generated_tokens"] = len(res.token_ids)
+        timings["prompt_tokens"] = len(res.prompt_token_ids)
+        cancelled = res.finish_reason == "cancelled"
+        return Outcome(
+            success=True,
+            message="cancelled" if cancelled else "ok",
+            text=res.text,
+            finish_reason=res.finish_reason,
+            header=header,
+            timings=timings,
+        )
+
+    def _reset(self) -> None:
+        """Drop any state a failed generation left behind. The core's Generation already resets
+        the KV cache when a step fails; a pipeline-level reset() is called too if it has one."""
+        reset = getattr(self.pipeline, "reset", None)
+        if callable(reset):
+            try:
+                reset()
+            except Exception as e:
+                self._log.error(f"resetting the pipeline failed: {e!r}")
+
+
+# Timings.msg field -> the core's Timings field
+_TIMING_FIELDS = {
+    "preprocess": "preprocess_s",
+    "vit": "vit_s",
+    "prefill": "prefill_s",
+    "ttft": "ttft_s",
+    "decode": "decode_s",
+    "prompt_tokens": "prompt_tokens",
+    "generated_tokens": "generated_tokens",
+    "tokens_per_second": "decode_tokens_per_s",
+}
+
+
+def timings_dict(t) -> dict:
+    """The core's Timings as {Timings.msg field: value}."""
+    if t is None:
+        return {}
+    src = t if isinstance(t, dict) else t.to_dict()
+    return {k: src[v] for k, v in _TIMING_FIELDS.items() if v in src}

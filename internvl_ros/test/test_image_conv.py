@@ -1,0 +1,320 @@
+"""Image conversion: each encoding vs ground truth, padding, byte order, bad frames."""
+
+from __future__ import annotations
+
+import array
+from types import SimpleNamespace as Msg
+
+import cv2
+import numpy as np
+import pytest
+
+from internvl_ros.core.errors import ImageDecodeError, InternVLError
+from internvl_ros.ros import image_conv as ic
+
+H, W = 480, 640  # real-sized frames
+MAX_DIM = 4096
+CONVERTERS = [c for c in ic.available_converters() if c != "cv_bridge"]  # no cv_bridge here
+
+
+def ground_truth(h: int = H, w: int = W) -> np.ndarray:
+    """A smooth RGB image with distinct channels (so swaps and demosaic errors show)."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    r = xx * 255 // (w - 1)
+    g = yy * 255 // (h - 1)
+    b = 255 - (xx + yy) * 255 // (w + h - 2)
+    return np.stack([r, g, b], axis=-1).astype(np.uint8)  # (h, w, 3)
+
+
+def raw_msg(px: np.ndarray, encoding: str, pad: int = 0, bigendian: bool = False) -> Msg:
+    """An Image-like message from (h, w, c) pixels, with `pad` bytes of junk after each row."""
+    h, w = px.shape[:2]
+    if px.dtype == np.uint16:
+        px = px.astype(">u2" if bigendian else "<u2")
+    rows = np.ascontiguousarray(px).reshape(h, -1).view(np.uint8)  # (h, w*bpp)
+    junk = np.full((h, pad), 0xAB, np.uint8)
+    data = np.concatenate([rows, junk], axis=1)  # (h, step)
+    return Msg(
+        height=h,
+        width=w,
+        encoding=encoding,
+        is_bigendian=int(bigendian),
+        step=data.shape[1],
+        data=array.array("B", data.tobytes()),  # what rclpy hands us
+    )
+
+
+def compressed_msg(data: bytes, fmt: str) -> Msg:
+    return Msg(format=fmt, data=array.array("B", data))
+
+
+def mosaic(rgb: np.ndarray, pattern: str) -> np.ndarray:
+    """Sample an RGB image through a Bayer filter, pattern like 'rggb'. (h, w, 3) -> (h, w, 1)."""
+    out = np.zeros(rgb.shape[:2], np.uint8)
+    for k, p in enumerate(pattern):
+        out[k // 2 :: 2, k % 2 :: 2] = rgb[k // 2 :: 2, k % 2 :: 2, "rgb".index(p)]
+    return out[..., None]
+
+
+# ---------------------------------------------------------------------------------------------
+# raw encodings
+
+
+@pytest.mark.parametrize("converter", CONVERTERS)
+@pytest.mark.parametrize("pad", [0, 7])
+@pytest.mark.parametrize("encoding", ["rgb8", "bgr8", "rgba8", "bgra8"])
+def test_color_8bit(encoding, pad, converter):
+    rgb = ground_truth()
+    px = rgb[..., ::-1] if encoding.startswith("bgr") else rgb
+    if encoding.endswith("a8"):
+        px = np.concatenate([px, np.full((H, W, 1), 77, np.uint8)], axis=-1)
+    msg = raw_msg(px, encoding, pad=pad)
+    assert ic.check_frame(msg, MAX_DIM) == ic.FrameInfo(W, H, encoding, False)
+    out = ic.image_to_rgb(msg, converter)
+    assert out.shape == (H, W, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, rgb)
+
+
+@pytest.mark.parametrize("converter", CONVERTERS)
+@pytest.mark.parametrize("pad", [0, 5])
+def test_mono8(pad, converter):
+    gray = ground_truth()[..., 1:2]  # (h, w, 1)
+    out = ic.image_to_rgb(raw_msg(gray, "mono8", pad=pad), converter)
+    np.testing.assert_array_equal(out, np.repeat(gray, 3, axis=2))
+
+
+@pytest.mark.parametrize("converter", CONVERTERS)
+@pytest.mark.parametrize("bigendian", [False, True])
+@pytest.mark.parametrize("pad", [0, 6])
+def test_mono16_scaled_like_cv_bridge(bigendian, pad, converter):
+    rng = np.random.default_rng(1)
+    v = rng.integers(0, 65536, size=(H, W, 1), dtype=np.uint16)
+    msg = raw_msg(v, "mono16", pad=pad, bigendian=bigendian)
+    out = ic.image_to_rgb(msg, converter)
+    expect = np.rint(v.astype(np.float64) * 255.0 / 65535.0)
+    assert np.abs(out.astype(np.float64) - expect).max() <= 1  # byte order wrong -> ~255 off
+    assert (out[..., 0] == out[..., 2]).all()
+
+
+@pytest.mark.parametrize("bigendian", [False, True])
+def test_rgb16(bigendian):
+    rgb = ground_truth()
+    px = rgb.astype(np.uint16) * 257  # exact inverse of the 16 -> 8 bit scale
+    out = ic.image_to_rgb(raw_msg(px, "rgb16", pad=2, bigendian=bigendian), "numpy")
+    np.testing.assert_array_equal(out, rgb)
+
+
+@pytest.mark.parametrize("converter", CONVERTERS)
+@pytest.mark.parametrize("pad", [0, 4])
+@pytest.mark.parametrize(
+    "encoding,code",
+    [
+        ("yuv422", cv2.COLOR_RGB2YUV_UYVY),
+        ("uyvy", cv2.COLOR_RGB2YUV_UYVY),
+        ("yuyv", cv2.COLOR_RGB2YUV_YUYV),
+        ("yuv422_yuy2", cv2.COLOR_RGB2YUV_YUYV),
+    ],
+)
+def test_yuv422(encoding, code, pad, converter):
+    rgb = ground_truth()
+    packed = cv2.cvtColor(rgb, code)  # (h, w, 2)
+    out = ic.image_to_rgb(raw_msg(packed, encoding, pad=pad), converter)
+    # chroma is shared by pixel pairs, and the round trip through limited-range YUV loses a bit
+    assert np.abs(out.astype(int) - rgb).max() <= 4
+
+
+def test_yuv422_byte_order_matters():
+    """UYVY read as YUYV is visibly wrong: the test above would catch a swapped layout."""
+    rgb = ground_truth()
+    packed = cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_UYVY)
+    wrong = ic.image_to_rgb(raw_msg(packed, "yuyv"), "numpy")
+    assert np.abs(wrong.astype(int) - rgb).mean() > 20
+
+
+@pytest.mark.parametrize("converter", CONVERTERS)
+@pytest.mark.parametrize("pad", [0, 3])
+@pytest.mark.parametrize("pattern", ["rggb", "bggr", "gbrg", "grbg"])
+def test_bayer(pattern, pad, converter):
+    rgb = ground_truth()
+    out = ic.image_to_rgb(raw_msg(mosaic(rgb, pattern), f"bayer_{pattern}8", pad=pad), converter)
+    inner = (slice(2, -2), slice(2, -2))  # demosaic borders differ between implementations
+    assert np.abs(out[inner].astype(int) - rgb[inner]).max() <= 3
+    # the wrong pattern gives the wrong colours
+    other = {"rggb": "bggr", "bggr": "rggb", "gbrg": "grbg", "grbg": "gbrg"}[pattern]
+    wrong = ic.image_to_rgb(raw_msg(mosaic(rgb, pattern), f"bayer_{other}8"), converter)
+    assert np.abs(wrong[inner].astype(int) - rgb[inner]).mean() > 20
+
+
+def test_converters_agree_on_every_encoding():
+    """rosbags-image and our numpy path give the same pixels (the node may use either)."""
+    if "rosbags" not in CONVERTERS:
+        pytest.fail("rosbags-image should be installed in the project environment")
+    rgb = ground_truth()
+    cases = {
+        "rgb8": rgb,
+        "bgra8": np.concatenate([rgb[..., ::-1], rgb[..., :1]], axis=-1),
+        "mono16": (rgb[..., :1].astype(np.uint16) * 300),
+        "yuv422": cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_UYVY),
+        "yuyv": cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_YUYV),
+        "bayer_grbg8": mosaic(rgb, "grbg"),
+    }
+    for enc, px in cases.items():
+        msg = raw_msg(px, enc, pad=8)
+        a = ic.image_to_rgb(msg, "numpy").astype(int)
+        b = ic.image_to_rgb(msg, "rosbags").astype(int)
+        assert np.abs(a[2:-2, 2:-2] - b[2:-2, 2:-2]).max() <= 2, enc
+
+
+def test_auto_prefers_cv_bridge_and_hands_it_tight_rows(monkeypatch):
+    calls = []
+
+    class FakeBridge:
+        def imgmsg_to_cv2(self, msg, desired_encoding):
+            calls.append((msg.step, msg.width, len(msg.data), desired_encoding))
+            return np.zeros((msg.height, msg.width, 3), np.uint8) + 9
+
+    monkeypatch.setitem(ic._CONVERTERS, "cv_bridge", FakeBridge())
+    assert ic.available_converters()[0] == "cv_bridge"
+    out = ic.image_to_rgb(raw_msg(ground_truth(), "rgb8", pad=10))
+    assert calls == [(W * 3, W, H * W * 3, "rgb8")]
+    assert (out == 9).all()
+
+
+def test_auto_falls_back_when_the_library_refuses(monkeypatch):
+    class RefusingBridge:
+        def imgmsg_to_cv2(self, msg, desired_encoding):
+            raise RuntimeError("unsupported conversion")
+
+    monkeypatch.setitem(ic._CONVERTERS, "cv_bridge", RefusingBridge())
+    rgb = ground_truth()
+    np.testing.assert_array_equal(ic.image_to_rgb(raw_msg(rgb, "rgb8", pad=3)), rgb)
+
+
+def test_real_sensor_msgs_image():
+    from sensor_msgs.msg import Image
+
+    rgb = ground_truth()
+    m = raw_msg(rgb[..., ::-1], "bgr8", pad=4)
+    msg = Image(height=m.height, width=m.width, encoding=m.encoding, step=m.step, data=m.data)
+    assert not ic.is_compressed(msg)
+    np.testing.assert_array_equal(ic.frame_to_rgb(msg, MAX_DIM), rgb)
+
+
+# ---------------------------------------------------------------------------------------------
+# compressed
+
+
+def encode(rgb: np.ndarray, ext: str) -> bytes:
+    ok, buf = cv2.imencode(ext, np.ascontiguousarray(rgb[..., ::-1]) if rgb.ndim == 3 else rgb)
+    assert ok
+    return buf.tobytes()
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "rgb8; jpeg compressed bgr8"])
+def test_jpeg(fmt):
+    rgb = ground_truth()
+    msg = compressed_msg(encode(rgb, ".jpg"), fmt)
+    assert ic.check_frame(msg, MAX_DIM) == ic.FrameInfo(W, H, "jpeg", True)
+    out = ic.frame_to_rgb(msg, MAX_DIM)
+    assert out.shape == (H, W, 3)
+    assert np.abs(out.astype(int) - rgb).mean() < 3  # lossy, but the channels are in order
+
+
+def test_png_color_gray_and_16bit():
+    rgb = ground_truth()
+    np.testing.assert_array_equal(
+        ic.frame_to_rgb(compressed_msg(encode(rgb, ".png"), "png"), MAX_DIM), rgb
+    )
+    gray = rgb[..., 1]
+    out = ic.frame_to_rgb(compressed_msg(encode(gray, ".png"), "png"), MAX_DIM)
+    np.testing.assert_array_equal(out, np.repeat(gray[..., None], 3, axis=2))
+    deep = gray.astype(np.uint16) * 257
+    out = ic.frame_to_rgb(compressed_msg(encode(deep, ".png"), "png"), MAX_DIM)
+    assert np.abs(out[..., 0].astype(int) - gray).max() <= 1
+
+
+def test_jpeg_size_parser_skips_app_segments():
+    """A JPEG with EXIF/ICC-style APP segments before SOF still reports its size."""
+    jpg = encode(ground_truth(), ".jpg")
+    app = b"\xff\xe1" + (2 + 300).to_bytes(2, "big") + bytes(300)
+    msg = compressed_msg(jpg[:2] + app + jpg[2:], "jpeg")
+    assert ic.check_frame(msg, MAX_DIM) == ic.FrameInfo(W, H, "jpeg", True)
+    assert ic.frame_to_rgb(msg, MAX_DIM).shape == (H, W, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad frames
+
+
+def _good_raw() -> Msg:
+    return raw_msg(ground_truth(), "rgb8")
+
+
+def _with(msg: Msg, **kw) -> Msg:
+    return Msg(**{**vars(msg), **kw})
+
+
+def bad_frames() -> list[tuple[str, str, Msg]]:
+    good = _good_raw()
+    jpg = encode(ground_truth(), ".jpg")
+    png = encode(ground_truth(), ".png")
+    huge_png = bytearray(png)
+    huge_png[16:24] = (100000).to_bytes(4, "big") + (100000).to_bytes(4, "big")
+    return [
+        ("short data", "size", _with(good, data=good.data[:-100])),
+        ("long data", "size", _with(good, data=good.data + array.array("B", [0] * 3))),
+        ("height lies", "size", _with(good, height=H + 1)),
+        ("step too small", "size", _with(good, step=W * 3 - 1, data=good.data[: H * (W * 3 - 1)])),
+        ("odd yuv width", "size", raw_msg(np.zeros((4, 5, 2), np.uint8), "yuv422")),
+        ("unknown encoding", "encoding", _with(good, encoding="32FC1")),
+        ("zero width", "empty", Msg(height=H, width=0, encoding="rgb8", is_bigendian=0,
+                                    step=0, data=array.array("B"))),
+        ("zero height", "empty", Msg(height=0, width=W, encoding="rgb8", is_bigendian=0,
+                                     step=W * 3, data=array.array("B"))),
+        ("too large", "too_large", _with(good, width=MAX_DIM + 1)),
+        ("empty compressed", "empty", compressed_msg(b"", "jpeg")),
+        ("garbage jpeg", "corrupt", compressed_msg(bytes(range(256)) * 40, "jpeg")),
+        ("unknown compressed", "encoding", compressed_msg(b"GIF89a" + bytes(100), "gif")),
+        ("truncated jpeg", "corrupt", compressed_msg(jpg[: len(jpg) // 2], "jpeg")),
+        ("truncated png", "corrupt", compressed_msg(png[: len(png) // 2], "png")),
+        ("png bomb header", "too_large", compressed_msg(bytes(huge_png), "png")),
+    ]
+
+
+@pytest.mark.parametrize("name,kind,msg", bad_frames(), ids=[b[0] for b in bad_frames()])
+def test_bad_frames_are_refused_with_a_reason(name, kind, msg):
+    with pytest.raises(ic.BadFrameError) as e:
+        ic.check_frame(msg, MAX_DIM)
+    assert e.value.kind == kind
+    assert isinstance(e.value, ImageDecodeError) and isinstance(e.value, InternVLError)
+    assert len(str(e.value)) > 20
+    with pytest.raises(ic.BadFrameError):
+        ic.frame_to_rgb(msg, MAX_DIM)
+
+
+def test_corrupt_jpeg_body_fails_at_decode():
+    """A JPEG with a sound header but a broken scan passes the cheap check on arrival and fails
+    at decode time with the same error type."""
+    jpg = bytearray(encode(ground_truth(), ".jpg"))
+    sos = jpg.index(b"\xff\xda")
+    jpg[sos + 5] = 0x77  # the scan names a component the frame does not have
+    msg = compressed_msg(bytes(jpg), "jpeg")
+    assert ic.check_frame(msg, MAX_DIM).width == W
+    with pytest.raises(ic.BadFrameError) as e:
+        ic.frame_to_rgb(msg, MAX_DIM)
+    assert e.value.kind == "corrupt"
+
+
+def test_check_is_cheap_and_does_not_copy():
+    """Validation reads the header and a few bytes; a full-HD frame is checked in well under a
+    millisecond on average (it runs at camera rate in the subscription callback)."""
+    import time
+
+    msg = raw_msg(np.zeros((1080, 1920, 3), np.uint8), "rgb8")
+    jpg = compressed_msg(encode(ground_truth(1080, 1920), ".jpg"), "jpeg")
+    t0 = time.perf_counter()
+    for _ in range(200):
+        ic.check_frame(msg, MAX_DIM)
+        ic.check_frame(jpg, MAX_DIM)
+    per_call = (time.perf_counter() - t0) / 400
+    assert per_call < 1e-3, per_call

@@ -1,0 +1,148 @@
+"""Static checks of launch/internvl.launch.py and config/internvl.yaml (launch is not installable
+here, so the launch file runs against small stand-ins of the launch modules)."""
+
+from __future__ import annotations
+
+import re
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+
+from internvl_ros.ros import params
+
+PKG = Path(__file__).resolve().parents[1]
+LAUNCH = PKG / "launch" / "internvl.launch.py"
+CONFIG = PKG / "config" / "internvl.yaml"
+
+
+class Recorder:
+    """Stands in for every launch class: remembers its arguments."""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+
+def _stub_modules(share: str) -> dict[str, types.ModuleType]:
+    mods = {}
+    for name in [
+        "launch",
+        "launch.actions",
+        "launch.conditions",
+        "launch.substitutions",
+        "launch_ros",
+        "launch_ros.actions",
+        "ament_index_python",
+        "ament_index_python.packages",
+    ]:
+        mods[name] = types.ModuleType(name)
+    kinds = {
+        "launch": ["LaunchDescription"],
+        "launch.actions": ["DeclareLaunchArgument", "SetEnvironmentVariable"],
+        "launch.conditions": ["IfCondition"],
+        "launch.substitutions": ["LaunchConfiguration"],
+        "launch_ros.actions": ["Node"],
+    }
+    for mod, classes in kinds.items():
+        for cls in classes:
+            setattr(mods[mod], cls, type(cls, (Recorder,), {}))
+    mods["ament_index_python.packages"].get_package_share_directory = lambda pkg: f"{share}/{pkg}"
+    return mods
+
+
+@pytest.fixture
+def description(monkeypatch):
+    for name, mod in _stub_modules("/opt/share").items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    ns: dict = {"__name__": "internvl_launch", "__file__": str(LAUNCH)}
+    exec(compile(LAUNCH.read_text(), str(LAUNCH), "exec"), ns)
+    return ns["generate_launch_description"]()
+
+
+def _by_type(description, name):
+    return [a for a in description.args[0] if type(a).__name__ == name]
+
+
+def test_launch_starts_our_executable_with_params_namespace_and_remap(description):
+    (node,) = _by_type(description, "Node")
+    kw = node.kwargs
+    assert kw["package"] == "internvl_ros"
+    assert kw["executable"] == "internvl_node"
+    assert kw["name"] == "internvl"
+    assert kw["namespace"].args == ("namespace",)
+    assert [p.args for p in kw["parameters"]] == [("params_file",)]
+    ((src, dst),) = kw["remappings"]
+    assert src == "image" and dst.args == ("image_topic",)
+
+    declared = {a.args[0]: a.kwargs for a in _by_type(description, "DeclareLaunchArgument")}
+    assert {"params_file", "namespace", "image_topic"} <= set(declared)
+    assert declared["params_file"]["default_value"] == (
+        "/opt/share/internvl_ros/config/internvl.yaml"
+    )
+    (env,) = _by_type(description, "SetEnvironmentVariable")
+    assert env.args[1].endswith("config/fastdds_large_data.xml")
+    assert (PKG / "config" / "fastdds_large_data.xml").is_file()
+
+
+def test_executable_is_a_registered_console_script():
+    setup_py = (PKG / "setup.py").read_text()
+    assert re.search(r"['\"]internvl_node\s*=\s*internvl_ros\.ros\.node:main['\"]", setup_py)
+    assert re.search(r"share/.*config", setup_py) and re.search(r"share/.*launch", setup_py)
+    from internvl_ros.ros import node
+
+    assert callable(node.main)
+
+
+def _yaml_params() -> dict:
+    doc = yaml.safe_load(CONFIG.read_text())
+    ((key, body),) = doc.items()
+    assert key in ("/**", "internvl", "/internvl", "/**/internvl")
+    return body["ros__parameters"]
+
+
+def test_every_yaml_key_is_declared_with_the_same_default_and_type():
+    values = _yaml_params()
+    undeclared = set(values) - set(params.PARAM_NAMES)
+    assert not undeclared, f"config/internvl.yaml has keys the node does not declare: {undeclared}"
+    missing = set(params.PARAM_NAMES) - set(values)
+    assert not missing, f"config/internvl.yaml does not document: {missing}"
+    for name, value in values.items():
+        p = params.BY_NAME[name]
+        assert type(value) is type(p.default), f"{name}: yaml {value!r} vs default {p.default!r}"
+        assert value == p.default, f"{name}: yaml {value!r} vs declared default {p.default!r}"
+        assert p.check(value) is None
+
+
+def test_yaml_documents_each_parameter_with_a_comment():
+    lines = CONFIG.read_text().splitlines()
+    for i, line in enumerate(lines):
+        m = re.match(r"^\s{4}(\w+):", line)
+        if m:
+            assert lines[i - 1].strip().startswith("#"), f"no comment above {m.group(1)}"
+
+
+def test_descriptors_have_descriptions_and_ranges():
+    for p in params.PARAMS:
+        d = params.descriptor(p)
+        assert d.name == p.name and len(d.description) > 20
+        assert d.read_only == p.read_only
+        if isinstance(p.default, int):
+            (r,) = d.integer_range
+            assert r.from_value <= p.default <= r.to_value
+        elif isinstance(p.default, float):
+            (r,) = d.floating_point_range
+            assert r.from_value <= p.default <= r.to_value
+        else:
+            assert d.additional_constraints
+    ro = {p.name for p in params.PARAMS if p.read_only}
+    assert {"model_dir", "backend", "provider", "image_transport"} <= ro
+    live = {p.name for p in params.PARAMS if not p.read_only}
+    assert {"max_new_tokens", "temperature", "top_k", "top_p", "default_prompt"} <= live
+
+
+def test_docs_table_lists_every_parameter():
+    doc = (PKG.parent / "docs" / "NODE.md").read_text()
+    for name in params.PARAM_NAMES:
+        assert f"`{name}`" in doc, f"docs/NODE.md does not document {name}"
