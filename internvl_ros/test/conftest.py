@@ -20,9 +20,10 @@ _domain_counter = itertools.count()
 
 
 def _next_domain_id() -> int:
-    # 1..101 are typical robot domains; stay in 120..219, spread by pid so that two pytest
-    # runs on one machine (or two engineers) don't share a domain.
-    return 120 + (os.getpid() * 7 + next(_domain_counter)) % 100
+    # ROS recommends domains 0..101: above that, Fast DDS ports reach Linux's ephemeral range.
+    # Spread by pid, so that two pytest runs on one machine rarely share a domain; 0 (the
+    # default) is left to interactive use.
+    return 1 + (os.getpid() * 13 + next(_domain_counter) * 7) % 101
 
 
 @pytest.fixture(scope="module")

@@ -149,7 +149,8 @@ class Recorder:
             "caption": (f"{node}/caption", "std_msgs/msg/String"),
             "stamped": (f"{node}/caption_stamped", "internvl_ros_interfaces/msg/Caption"),
         }
-        self.queue: queue.Queue = queue.Queue()
+        # bounded: when sqlite falls behind a fast replay, the replay waits instead of growing
+        self.queue: queue.Queue = queue.Queue(maxsize=64)
         self.error: BaseException | None = None
         ready = threading.Event()
         self.thread = threading.Thread(target=self._run, args=(path, ready), daemon=True)
@@ -258,7 +259,9 @@ class Replay:
         self.client = self.node.create_client(Describe, f"{self.node_name}/describe")
         self.Describe = Describe
         self.lock = threading.Lock()
+        # what the summary needs of each caption (the full records go to --output)
         self.records: list[dict] = []
+        self.n_ok = 0
         self.stamp_to_index: dict[int, int] = {}
         self.pending: list = []
         self.out = args.output.open("w", encoding="utf-8") if args.output else None
@@ -284,11 +287,13 @@ class Replay:
     # -- captions ---------------------------------------------------------------------------
     def _emit(self, record: dict) -> None:
         with self.lock:
-            self.records.append(record)
+            self.records.append({"success": record["success"], "timings": {
+                k: record["timings"][k] for k in ("ttft", "tokens_per_second")}})
+            self.n_ok += int(record["success"])
+            n_ok = self.n_ok
             if self.out:
                 self.out.write(json.dumps(record) + "\n")
                 self.out.flush()
-            n_ok = sum(1 for r in self.records if r["success"])
         if not self.args.quiet:
             if record["success"]:
                 print(f"[frame {record['frame_index']}, stamp {record['stamp']['sec']}."
@@ -347,6 +352,10 @@ class Replay:
         deadline = time.monotonic() + min(5.0, self.args.timeout)
         while self.pub.get_subscription_count() == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
+        if self.args.live:
+            # The node may re-subscribe once it sees our (reliable) publisher: let it settle
+            # before frames count, or the first request finds no frame.
+            time.sleep(1.5)
 
     def _request(self, frame: BagFrame):
         req = self.Describe.Request(prompt=self.args.prompt,
@@ -375,7 +384,7 @@ class Replay:
         if self.args.live:
             future.add_done_callback(lambda f: self._emit(self._response_record(frame,
                                                                                 f.result())))
-            self.pending.append(future)
+            self.pending = [f for f in self.pending if not f.done()] + [future]
             return 0.0
         t0 = time.monotonic()
         done = threading.Event()
