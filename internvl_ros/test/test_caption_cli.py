@@ -72,12 +72,37 @@ def test_sampling_flags_and_seed(onnx_dir, capsys):
     assert runs[0] == runs[1] != runs[2]
 
 
-def test_video(onnx_dir, tmp_path, capsys):
-    path = tmp_path / "clip.avi"
+def write_clip(path, count=10):
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 5, (160, 120))
-    for i in range(10):
+    for i in range(count):
         writer.write(np.full((120, 160, 3), 20 * i, np.uint8))
     writer.release()
+
+
+@pytest.mark.parametrize("max_context", [None, 800])
+def test_video_default_frames_fit_the_prompt_limit(onnx_dir, tmp_path, capsys, max_context):
+    """Without --frames: as many frames as fit (8 x 256 image tokens never fit 2048)."""
+    path = tmp_path / "clip.avi"
+    write_clip(path)
+    extra = [] if max_context is None else ["--max-context", str(max_context)]
+    rc = caption.main(["--model-dir", str(onnx_dir), "--video", str(path), "--prompt", PROMPT,
+                       "--max-new-tokens", "2", "--json", "--threads", "1"] + extra)
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    record = json.loads(out.out)
+    with Pipeline.from_model_dir(onnx_dir, num_threads=1, max_context=max_context) as pipe:
+        limit = pipe.max_prompt_tokens
+        text_only = len(pipe.prepare(PROMPT, [], video=True)[0])
+    frames = record["timings"]["image_tiles"]
+    n_prompt = len(record["prompt_token_ids"])
+    per_frame = (n_prompt - text_only) / frames  # 256 image tokens + "FrameN: <img></img>\n"
+    assert n_prompt <= limit < n_prompt + per_frame or frames == 8
+    assert frames == (7 if max_context is None else 2)
+
+
+def test_video(onnx_dir, tmp_path, capsys):
+    path = tmp_path / "clip.avi"
+    write_clip(path)
     rc = caption.main(["--model-dir", str(onnx_dir), "--video", str(path), "--frames", "2",
                        "--prompt", PROMPT, "--max-new-tokens", "4", "--json", "--threads", "1"])
     record = json.loads(capsys.readouterr().out)
@@ -100,7 +125,8 @@ def test_axengine_backend_on_the_test_double(onnx_dir, jpg, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["bad_image", "missing_image", "missing_dir", "too_long",
-                                  "bad_config", "no_axengine"])
+                                  "bad_config", "no_axengine", "zero_context",
+                                  "negative_context", "missing_video"])
 def test_errors_are_one_line_exit_2(onnx_dir, jpg, tmp_path, case):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"this is not a jpeg")
@@ -111,6 +137,9 @@ def test_errors_are_one_line_exit_2(onnx_dir, jpg, tmp_path, case):
         "missing_dir": (["--model-dir", tmp_path / "nope", "--prompt", "x"], "does not exist"),
         "too_long": (base + ["--image", jpg, "--max-context", "100"], "at most 100"),
         "bad_config": (base + ["--top-p", "0"], "top_p"),
+        "zero_context": (base + ["--max-context", "0"], "max_context=0"),
+        "negative_context": (base + ["--max-context", "-5"], "max_context=-5"),
+        "missing_video": (base + ["--video", tmp_path / "none.mp4"], "does not exist"),
         "no_axengine": (None, "pyaxengine"),
     }[case]
     env = None

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from internvl_ros.backends import fake_axengine, get_backend
-from internvl_ros.core.errors import PromptTooLongError, ShapeMismatchError
+from internvl_ros.core.errors import ModelDirError, PromptTooLongError, ShapeMismatchError
 from internvl_ros.core.llm import LanguageModel
 from internvl_ros.core.modeldir import load_model_dir
 from internvl_ros.export.testing import tiny_model_dirs
@@ -132,6 +132,93 @@ def test_cache_reset_zeroes_used_rows(host_dir):
     assert np.abs(llm.cache.k[:, :, :40]).sum() > 0
     llm.reset()
     assert llm.cache.filled == 0 and not llm.cache.k.any() and not llm.cache.v.any()
+
+
+def run_request(llm, n_prompt, n_decode, seed):
+    """Prefill a random prompt and decode greedily; returns every logits vector."""
+    out = [llm.prefill(prompt_embeds(llm, n_prompt, seed=seed))]
+    for _ in range(n_decode):
+        out.append(llm.decode(int(np.argmax(out[-1]))))
+    return out
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "axengine"])
+def test_stale_cache_rows_are_kept_and_harmless(host_dir, axera_dir, fake_ax, backend):
+    """A new request does not zero the cache: the host never reads rows past `filled`, the
+    NPU masks them (exp(-65536 + s) * v = 0 for finite v)."""
+    root = axera_dir if backend == "axengine" else host_dir
+    used = load(root, backend)
+    run_request(used, 250, 20, seed=1)  # rows [0, 270) now hold this request
+    second = run_request(used, 40, 5, seed=2)
+    stale = used.cache.k[:, :, 45:270]
+    assert np.abs(stale.astype(np.float32)).sum() > 0  # not zeroed: no 470/234 MB memset
+    fresh = run_request(load(root, backend), 40, 5, seed=2)
+    for a, b in zip(second, fresh, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_tainted_cache_is_zeroed_before_the_next_request(axera_dir, fake_ax):
+    llm = load(axera_dir, "axengine")
+    run_request(llm, 200, 2, seed=3)
+    llm.cache.k[:, :, 100:202] = np.nan  # what a failed or overflowing step could leave
+    llm.cache.taint()
+    got = run_request(llm, 30, 3, seed=4)
+    assert np.isfinite(llm.cache.k.astype(np.float32)).all()
+    assert not llm.cache.k[:, :, 33:].astype(np.float32).any()
+    for a, b in zip(got, run_request(load(axera_dir, "axengine"), 30, 3, seed=4), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # non-finite logits taint the cache by themselves
+    llm.cache.k[:, :, :] = np.inf
+    llm.decode(5)
+    assert llm.cache.tainted
+
+
+def test_prefill_groups_in_another_dtype(host_dir, tmp_path_factory, fake_ax):
+    """Each shape group is fed in its own declared dtypes (here float32 prefill groups and a
+    bfloat16 decode group)."""
+    root = tmp_path_factory.mktemp("axera_f32_prefill")
+    fake_axengine.make_fake_axera_dir(host_dir, root, kv_cache_len=300, max_prefill=256,
+                                      prefill_dtype=np.float32)
+    llm = load(root, "axengine")
+    assert llm.dtypes[1]["input"] == np.float32 and llm.dtypes[0]["input"] != np.float32
+    x = prompt_embeds(llm, 200, seed=5)
+    logits = llm.prefill(x)
+    tok = int(np.argmax(logits))
+    out = llm.decode(tok)
+    host = load(host_dir, "onnxruntime")
+    ref = host.prefill(x)
+    np.testing.assert_allclose(logits, ref, atol=0.02 * np.abs(ref).max())
+    assert tok == int(np.argmax(ref)) and int(np.argmax(out)) == int(np.argmax(host.decode(tok)))
+
+
+def rewrite_layer(root, index, **changes):
+    """Rebuild one layer's fake .axmodel with other shape groups (a mixed download)."""
+    import json
+
+    path = next(root.rglob(f"*_l{index}_together.axmodel"))
+    manifest = json.loads(path.read_text())
+    g0 = manifest["groups"][0]
+    names_in = [n["name"] for n in g0["inputs"]]
+    names_out = [n["name"] for n in g0["outputs"]]
+    hidden, kv_dim = g0["inputs"][3]["shape"][-1], g0["inputs"][0]["shape"][-1]
+    opts = dict(kv_cache_len=300, prefill_len=128, max_prefill=256) | changes
+    manifest["groups"] = fake_axengine.layer_groups(names_in, names_out, hidden, kv_dim, **opts)
+    path.write_text(json.dumps(manifest))
+    return path
+
+
+@pytest.mark.parametrize("changes,what", [
+    (dict(kv_cache_len=200), "shape group 0: input 'K_cache'"),
+    (dict(max_prefill=128), "2 shape group(s)"),
+    (dict(prefill_dtype=np.float32), "shape group 1: input 'K_cache'"),
+])
+def test_mixed_layer_files_fail_at_load(host_dir, tmp_path, fake_ax, changes, what):
+    fake_axengine.make_fake_axera_dir(host_dir, tmp_path, kv_cache_len=300, max_prefill=256)
+    bad = rewrite_layer(tmp_path, 1, **changes)
+    with pytest.raises(ModelDirError) as e:
+        load(tmp_path, "axengine")
+    msg = str(e.value)
+    assert str(bad) in msg and what in msg and "different builds" in msg
 
 
 class FakeNode:

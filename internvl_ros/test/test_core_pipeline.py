@@ -100,7 +100,53 @@ def test_eos_stops_and_is_not_returned(pipe):
     assert res.finish_reason == "eos" and res.token_ids == ref.token_ids[:cut]
 
 
-def test_cancel_between_tokens_and_from_another_thread(pipe):
+class Gate:
+    """A session wrapper that, once armed, blocks its next run until `proceed` is set: a step
+    is then in flight in the iterating thread for as long as the test wants."""
+
+    def __init__(self, session):
+        self.inner = session
+        self.armed = False
+        self.entered = threading.Event()
+        self.proceed = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def run(self, output_names, feed, shape_group=0):
+        if self.armed:
+            self.armed = False
+            self.entered.set()
+            assert self.proceed.wait(60)
+        return self.inner.run(output_names, feed, shape_group=shape_group)
+
+
+def consume_in_thread(gen):
+    """Iterate `gen` in a new thread; returns (thread, steps, errors)."""
+    steps, errors = [], []
+
+    def loop():
+        try:
+            for step in gen:
+                steps.append(step)
+        except BaseException as exc:  # reported to the test
+            errors.append(exc)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    return thread, steps, errors
+
+
+@pytest.fixture
+def gate(pipe):
+    g = Gate(pipe.llm.layers[1])
+    pipe.llm.layers[1] = g
+    yield g
+    g.proceed.set()
+    pipe.llm.layers[1] = g.inner
+
+
+def test_cancel_between_tokens(pipe):
     gen = pipe.generate(Q, config=GenerationConfig(max_new_tokens=50))
     got = []
     for step in gen:
@@ -108,13 +154,86 @@ def test_cancel_between_tokens_and_from_another_thread(pipe):
         if len(got) == 3:
             gen.cancel()
     assert gen.result.finish_reason == "cancelled" and len(got) == 3
-    assert not pipe.busy
+    assert gen.result.token_ids == got and not pipe.busy
+
+
+@pytest.mark.parametrize("how", ["cancel", "close"])
+def test_cancel_or_close_from_another_thread_during_a_step(pipe, gate, how):
+    _, ref = run(pipe, 6)
     gen = pipe.generate(Q, config=GenerationConfig(max_new_tokens=50))
-    first = next(gen)
-    threading.Thread(target=gen.cancel).start()
-    rest = list(gen)
-    assert gen.result.finish_reason == "cancelled" and len(rest) <= 1
-    assert gen.result.token_ids[0] == first.token_id
+    got = [next(gen).token_id, next(gen).token_id]
+    gate.armed = True
+    thread, steps, errors = consume_in_thread(gen)
+    assert gate.entered.wait(60)  # the other thread is inside decode, in layer 1
+    getattr(gen, how)()
+    # the step in flight still owns the pipeline and its KV cache
+    assert pipe.busy and not gen.finished
+    with pytest.raises(BusyError, match="already generating"):
+        pipe.generate(Q)
+    with pytest.raises(BusyError, match="another thread is iterating"):
+        next(gen)
+    gate.proceed.set()
+    thread.join(60)
+    assert not thread.is_alive() and errors == []
+    assert steps == []  # nothing is yielded after cancel()/close() returned
+    res = gen.result
+    assert res.finish_reason == "cancelled" and res.token_ids == got
+    assert not pipe.busy
+    # the next request starts from a clean state: same tokens, cache filled as expected
+    _, again = run(pipe, 6)
+    assert again.token_ids == ref.token_ids
+    assert pipe.llm.cache.filled == len(again.prompt_token_ids) + 5  # the last token unfed
+
+
+def test_close_between_steps_frees_the_pipeline_at_once(pipe):
+    gen = pipe.generate(Q, config=GenerationConfig(max_new_tokens=50))
+    next(gen)
+    done = threading.Event()
+    threading.Thread(target=lambda: (gen.close(), done.set()), daemon=True).start()
+    assert done.wait(30)
+    assert gen.finished and not pipe.busy and list(gen) == []
+    assert gen.result.finish_reason == "cancelled" and len(gen.result.token_ids) == 1
+
+
+def test_two_threads_cannot_iterate_one_generation(pipe, gate):
+    gen = pipe.generate(Q, config=GenerationConfig(max_new_tokens=4))
+    next(gen)
+    gate.armed = True
+    thread, steps, errors = consume_in_thread(gen)
+    assert gate.entered.wait(60)
+    with pytest.raises(BusyError, match="another thread"):
+        gen.step()
+    with pytest.raises(BusyError, match="another thread"):
+        _ = gen.result
+    gate.proceed.set()
+    thread.join(60)
+    assert errors == [] and len(steps) == 3 and gen.result.finish_reason == "length"
+
+
+def test_garbage_collecting_an_abandoned_generation_never_deadlocks(host_dir):
+    """gc may finalise a Generation at any point, e.g. while its pipeline's lock is held by
+    the same thread (inside generate() or reset()): nothing may take that lock then."""
+    import gc
+
+    with Pipeline.from_model_dir(host_dir, num_threads=1) as p:
+        gc.disable()
+        try:
+            gen = p.generate(Q, config=GenerationConfig(max_new_tokens=3))
+            gen.cycle = gen  # only the cycle collector can free it
+            del gen
+
+            def collect_under_the_lock():
+                with p._lock:
+                    gc.collect()
+
+            t = threading.Thread(target=collect_under_the_lock, daemon=True)
+            t.start()
+            t.join(20)
+            assert not t.is_alive(), "gc of an abandoned generation deadlocked"
+        finally:
+            gc.enable()
+        assert not p.busy  # the collected generation no longer holds the pipeline
+        assert p.generate(Q, config=GenerationConfig(max_new_tokens=2)).result.token_ids
 
 
 def test_one_generation_at_a_time(pipe):
@@ -184,6 +303,7 @@ def test_too_many_images_for_the_npu_prefill(host_dir, tmp_path):
     with fake_axengine.installed():
         with Pipeline.from_model_dir(tmp_path, backend="axengine") as npu:
             assert npu.max_prompt_tokens == 1024 and npu.max_context == 2047
+            assert npu.fit_frames(Q) == 3  # the caption CLI's default for --video
             with pytest.raises(PromptTooLongError) as e:
                 npu.generate(Q, images=[image(i) for i in range(4)])
             assert "at most 1024" in str(e.value) and "prefill limit 1024" in str(e.value)
@@ -261,3 +381,70 @@ def test_uint8_nhwc_vit_input(pipe):
     assert u8.nhwc_u8 and u8.image_size == 448
     np.testing.assert_array_equal(u8(pixels), pipe.vision(pixels))
     np.testing.assert_array_equal(wrapped.seen[0][0], resize_bicubic(img, 448, 448))
+
+
+class HistorySpy:
+    """Wraps a Generation's Sampler and records the history passed with every token."""
+
+    def __init__(self, sampler):
+        self.inner, self.seen = sampler, []
+
+    def __call__(self, logits, history=()):
+        self.seen.append(np.array(history, dtype=np.int64).copy())
+        return self.inner(logits, history)
+
+
+@pytest.mark.parametrize("penalize_prompt", [False, True])
+def test_repetition_penalty_covers_generated_ids(pipe, penalize_prompt):
+    """As InternVL's chat(): generate(inputs_embeds=...) penalises only generated tokens."""
+    cfg = GenerationConfig(max_new_tokens=6, repetition_penalty=1.3,
+                           penalize_prompt=penalize_prompt)
+    gen = pipe.generate(Q, images=[image(5)], config=cfg)
+    spy = gen._sampler = HistorySpy(gen._sampler)
+    res = gen.result
+    head = res.prompt_token_ids if penalize_prompt else []
+    assert [h.tolist() for h in spy.seen] == [head + res.token_ids[:i] for i in range(6)]
+    # the tokens equal a greedy loop that penalises exactly those ids
+    from internvl_ros.core.sampling import apply_repetition_penalty
+
+    llm = pipe.llm
+    embeds = llm.embed(res.prompt_token_ids)
+    where = np.flatnonzero(np.asarray(res.prompt_token_ids) == pipe.tokenizer.img_context_id)
+    embeds[where] = pipe.vision(pipe.prepare(Q, [image(5)])[1])
+    logits, ids = llm.prefill(embeds), []
+    for _ in range(6):
+        ids.append(int(np.argmax(apply_repetition_penalty(logits, head + ids, 1.3))))
+        logits = llm.decode(ids[-1])
+    assert ids == res.token_ids
+
+
+def test_no_history_without_a_penalty(pipe):
+    gen = pipe.generate(Q, config=GenerationConfig(max_new_tokens=4))
+    spy = gen._sampler = HistorySpy(gen._sampler)
+    assert len(gen.result.token_ids) == 4
+    assert len(spy.seen) == 4 and all(h.size == 0 for h in spy.seen)
+
+
+@pytest.mark.parametrize("value", [0, -5, 2.5, True, "2048"])
+def test_max_context_must_be_a_positive_integer(host_dir, tmp_path, value):
+    with pytest.raises(ConfigError, match="max_context"):
+        Pipeline.from_model_dir(host_dir, num_threads=1, max_context=value)
+    fake_axengine.make_fake_axera_dir(host_dir, tmp_path)
+    with fake_axengine.installed(), pytest.raises(ConfigError, match="max_context"):
+        Pipeline.from_model_dir(tmp_path, backend="axengine", max_context=value)
+
+
+@pytest.mark.parametrize("max_context", [None, 900, 300, 200])
+def test_fit_frames_is_the_most_that_fit(host_dir, max_context):
+    with Pipeline.from_model_dir(host_dir, num_threads=1, max_context=max_context) as p:
+        fits = []
+        for n in range(1, 9):
+            try:
+                p.prepare(Q, [image(0, 16, 16)] * n, video=True)
+                fits.append(n)
+            except PromptTooLongError:
+                pass
+        assert p.fit_frames(Q) == (max(fits) if fits else 0)
+        assert p.fit_frames(Q, max_frames=2) == min(2, max(fits, default=0))
+    if max_context is None:
+        assert max(fits) == 7  # 8 x 256 image tokens never fit the 2048-token default

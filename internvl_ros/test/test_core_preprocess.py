@@ -127,18 +127,36 @@ def test_decode_image_and_errors(tmp_path):
         preprocess_image(np.zeros((10, 10, 3), np.float32))
 
 
-def test_video_frames_evenly_spaced(tmp_path):
-    path = tmp_path / "clip.avi"
+def internvl_get_index(max_frame: int, num_segments: int, fps: float = 10.0, bound=None):
+    """InternVL's README/chat example `get_index` (the frame choice of its load_video)."""
+    start, end = bound if bound else (-100000, 100000)
+    start_idx = max(0, round(start * fps))
+    end_idx = min(round(end * fps), max_frame)
+    seg_size = float(end_idx - start_idx) / num_segments
+    return [int(start_idx + seg_size / 2 + np.round(seg_size * i)) for i in range(num_segments)]
+
+
+def write_grey_clip(path, count):
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
     assert writer.isOpened()
-    for i in range(30):  # frame i is filled with grey level 8 * i
+    for i in range(count):  # frame i is filled with grey level 8 * i
         writer.write(np.full((48, 64, 3), 8 * i, np.uint8))
     writer.release()
-    frames = sample_video_frames(path, 4)
-    assert len(frames) == 4 and frames[0].shape == (48, 64, 3)
+
+
+@pytest.mark.parametrize("count,num", [(30, 4), (20, 8), (9, 3)])
+def test_video_frames_as_internvl(tmp_path, count, num):
+    path = tmp_path / "clip.avi"
+    write_grey_clip(path, count)
+    frames = sample_video_frames(path, num)
+    assert len(frames) == num and frames[0].shape == (48, 64, 3)
     levels = [int(round(f.mean() / 8)) for f in frames]
-    seg = 30 / 4  # InternVL's segment centres
-    assert levels == [int(seg / 2 + round(seg * i)) for i in range(4)]
+    assert levels == internvl_get_index(max_frame=count - 1, num_segments=num)  # len(vr) - 1
+    if (count, num) == (20, 8):
+        assert levels[3] == 8  # (len - 1) / segments, not len / segments (which gives 9)
+
+
+def test_video_errors(tmp_path):
     with pytest.raises(ImageDecodeError, match="does not exist"):
         sample_video_frames(tmp_path / "none.mp4", 4)
     junk = tmp_path / "junk.mp4"

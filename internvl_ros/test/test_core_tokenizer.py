@@ -101,3 +101,28 @@ def test_vocab_merges_fallback(tmp_path, tok_dir, tok):
     text = "The robot sees a red cup on the table."
     assert fallback.encode_plain(text) == tok.encode_plain(text)
     assert fallback.decode(tok.encode_plain(text)) == text
+
+
+def test_stream_decoder_decodes_a_short_window(tok):
+    """O(1) work per token: each push decodes a few ids, never the whole text so far."""
+    text = ("The robot sees a red cup 机器人 on the table 🙂🤖, then déjà vu. " * 12).strip()
+    ids = tok.encode_plain(text)
+    assert len(ids) > 300
+    dec = tok.stream_decoder()
+    windows = []
+    real_decode = tok.decode
+
+    def spy(chunk, *a, **kw):
+        windows.append(len(chunk))
+        return real_decode(chunk, *a, **kw)
+
+    tok.decode = spy
+    try:
+        deltas = [dec.push(i) for i in ids]
+        pushes = windows[:]
+        deltas.append(dec.flush())
+    finally:
+        del tok.decode
+    assert "".join(deltas) == text == dec.text
+    assert all("\ufffd" not in d for d in deltas)
+    assert max(pushes) <= 8, max(pushes)  # a 4-byte emoji spans at most a few tokens

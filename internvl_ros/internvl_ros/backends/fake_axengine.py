@@ -221,34 +221,38 @@ def _write_manifest(path: Path, onnx: Path, kind: str, groups: list) -> None:
 
 
 def layer_groups(names_in, names_out, hidden: int, kv_dim: int, kv_cache_len: int,
-                 prefill_len: int, max_prefill: int, dtype=BF16, index_dtype=np.uint32) -> list:
-    """Shape groups of one layer as the Axera build: 0 = decode, 1..G = prefill slices."""
+                 prefill_len: int, max_prefill: int, dtype=BF16, index_dtype=np.uint32,
+                 prefill_dtype=None) -> list:
+    """Shape groups of one layer as the Axera build: 0 = decode, 1..G = prefill slices.
+    `prefill_dtype` (default `dtype`) gives the prefill groups another float dtype."""
     k, v, idx, inp, mask = names_in
     ko, vo, out = names_out
 
-    def group(n, cache_rows, mask_len):
-        return {"inputs": [_node(k, (1, cache_rows, kv_dim), dtype),
-                           _node(v, (1, cache_rows, kv_dim), dtype),
+    def group(n, cache_rows, mask_len, dt):
+        return {"inputs": [_node(k, (1, cache_rows, kv_dim), dt),
+                           _node(v, (1, cache_rows, kv_dim), dt),
                            _node(idx, (1, n), index_dtype),
-                           _node(inp, (1, n, hidden), dtype),
-                           _node(mask, (1, n, mask_len), dtype)],
-                "outputs": [_node(ko, (1, n, kv_dim), dtype), _node(vo, (1, n, kv_dim), dtype),
-                            _node(out, (1, n, hidden), dtype)]}
+                           _node(inp, (1, n, hidden), dt),
+                           _node(mask, (1, n, mask_len), dt)],
+                "outputs": [_node(ko, (1, n, kv_dim), dt), _node(vo, (1, n, kv_dim), dt),
+                            _node(out, (1, n, hidden), dt)]}
 
-    groups = [group(1, kv_cache_len, kv_cache_len + 1)]
+    groups = [group(1, kv_cache_len, kv_cache_len + 1, dtype)]
     for g in range(max_prefill // prefill_len):
         past = g * prefill_len
-        groups.append(group(prefill_len, max(past, 1), past + prefill_len))
+        groups.append(group(prefill_len, max(past, 1), past + prefill_len,
+                            dtype if prefill_dtype is None else prefill_dtype))
     return groups
 
 
 def make_fake_axera_dir(host_dir: str | Path, out_root: str | Path,
                         kv_cache_len: int = 2047, prefill_len: int = 128,
                         max_prefill: int = 1024, name: str = "InternVL3_5-1B_GPTQ_INT4",
-                        hidden_dtype=BF16) -> Path:
+                        hidden_dtype=BF16, prefill_dtype=None) -> Path:
     """Lay out a host (ONNX) model dir like the published AXERA-TECH download:
     `{name}/` (HF files), `{name}_axmodel/` (layers, post, embeddings), `vit-models/`.
-    The `.axmodel` files are manifests that map back to the ONNX files."""
+    The `.axmodel` files are manifests that map back to the ONNX files. Layer I/O is
+    `hidden_dtype` (bfloat16), or `prefill_dtype` in the prefill shape groups if given."""
     from ..core.modeldir import EMBEDDINGS_NAME, discover, load_config
 
     host_dir, out_root = Path(host_dir), Path(out_root)
@@ -277,7 +281,8 @@ def make_fake_axera_dir(host_dir: str | Path, out_root: str | Path,
         if sorted(names_in) != sorted(order):
             raise ValueError(f"{layer}: inputs {names_in} are not {order}")
         groups = layer_groups(order, names_out[:3], cfg.hidden_size, cfg.kv_dim, kv_cache_len,
-                              prefill_len, max_prefill, dtype=hidden_dtype)
+                              prefill_len, max_prefill, dtype=hidden_dtype,
+                              prefill_dtype=prefill_dtype)
         _write_manifest(ax_out / f"{paths.prefix}_p{prefill_len}_l{i}_together.axmodel", layer,
                         "layer", groups)
 

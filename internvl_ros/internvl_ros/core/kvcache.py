@@ -6,8 +6,15 @@ import numpy as np
 
 
 class KVCache:
-    """Rows [0, filled) hold the keys/values of the tokens fed so far; rows past `filled` are
-    zero (the NPU's fixed-shape decode feeds the whole cache and masks them)."""
+    """Rows [0, filled) hold the keys/values of the tokens fed so far.
+
+    Rows past `filled` are zero at first, later stale rows of earlier requests. A new request
+    does not zero them (up to 470 MB on the host, 234 MB on the NPU): the host feeds only
+    rows [0, filled), and the NPU's fixed-shape decode masks the rest with -65536, so a stale
+    row adds exp(-65536 + s) * v = 0 as long as it is finite. Rows that may not be finite (a
+    step failed, or the model produced non-finite logits: `taint()`) are zeroed by the next
+    `reset()`.
+    """
 
     def __init__(self, num_layers: int, max_ctx: int, kv_dim: int, dtype=np.float32):
         self.num_layers, self.max_ctx, self.kv_dim = num_layers, max_ctx, kv_dim
@@ -15,6 +22,7 @@ class KVCache:
         self.v = np.zeros((num_layers, 1, max_ctx, kv_dim), dtype=dtype)  # (L, 1, ctx, kv_dim)
         self.filled = 0
         self._dirty = 0  # rows that may be non-zero
+        self.tainted = False  # rows [0, _dirty) may hold non-finite values
 
     @property
     def dtype(self):
@@ -34,9 +42,16 @@ class KVCache:
         self.v[layer, :, start:start + n] = v_new  # (1, n, kv_dim)
         self._dirty = max(self._dirty, start + n)
 
-    def reset(self) -> None:
-        """Forget everything; zero only the rows that were used."""
-        self.k[:, :, :self._dirty] = 0
-        self.v[:, :, :self._dirty] = 0
+    def taint(self) -> None:
+        """Mark the used rows as possibly non-finite: the next reset() zeroes them."""
+        self.tainted = True
+
+    def reset(self, clear: bool = True) -> None:
+        """Forget everything. `clear` zeroes the rows that were used (always done when the
+        cache is tainted); without it the stale rows stay, finite."""
+        if clear or self.tainted:
+            self.k[:, :, :self._dirty] = 0
+            self.v[:, :, :self._dirty] = 0
+            self._dirty = 0
+            self.tainted = False
         self.filled = 0
-        self._dirty = 0

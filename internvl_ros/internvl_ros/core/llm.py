@@ -19,7 +19,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import BackendError, InternVLError, PromptTooLongError, ShapeMismatchError
+from .errors import (
+    BackendError,
+    ConfigError,
+    InternVLError,
+    ModelDirError,
+    PromptTooLongError,
+    ShapeMismatchError,
+)
 from .kvcache import KVCache
 from .modeldir import ModelConfig
 
@@ -52,6 +59,22 @@ def cast(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return x if x.dtype == dtype else x.astype(dtype)
 
 
+def check_max_context(value) -> int | None:
+    """None (the default window) or an integer >= 1; anything else is a ConfigError."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ConfigError(f"max_context={value!r} must be an integer >= 1 (the context window "
+                          "in tokens), or None for the default (2048 on the host, the build's "
+                          "own window on the NPU)")
+    return int(value)
+
+
+def _io_signature(nodes) -> dict:
+    """{name: (shape, dtype)} of a session's inputs or outputs in one shape group."""
+    return {n.name: (tuple(n.shape), np.dtype(n.dtype)) for n in nodes}
+
+
 class LanguageModel:
     """Decoder layers + post + token embeddings, with a KV cache."""
 
@@ -59,18 +82,19 @@ class LanguageModel:
                  max_context: int | None = None, prefill_chunk: int = 128):
         if not layers:
             raise ShapeMismatchError("no decoder layer sessions")
+        max_context = check_max_context(max_context)
         self.layers = list(layers)
         self.post = post
         self.embeddings = embeddings  # (vocab, hidden), usually memory-mapped
         self.config = config
         self.fixed = not getattr(self.layers[0], "dynamic_shapes", True)
         first = self.layers[0]
+        self.num_groups = int(getattr(first, "num_shape_groups", 1)) if self.fixed else 1
         self._check_layer_io(first)
-        inputs = {i.name: i for i in first.get_inputs(0)}
-        self.cache_dtype = inputs["K_cache"].dtype
-        self.hidden_dtype = inputs["input"].dtype
-        self.mask_dtype = inputs["mask"].dtype
-        self.index_dtype = inputs["indices"].dtype
+        self._check_layers_agree()
+        # input dtypes per shape group: {group: {input name: dtype}}
+        self.dtypes = {g: {i.name: np.dtype(i.dtype) for i in first.get_inputs(g)}
+                       for g in range(self.num_groups)}
         self.post_dtype = post.get_inputs(0)[0].dtype
         self.post_input = post.get_inputs(0)[0].name
 
@@ -79,10 +103,12 @@ class LanguageModel:
         else:
             self.decode_group = 0
             self.chunk = int(prefill_chunk)
-            self.max_ctx = int(max_context or 2048)
+            self.max_ctx = max_context or 2048
             self.max_prefill = self.max_ctx
         if max_context is not None and self.fixed and max_context < self.max_ctx:
-            self.max_ctx = int(max_context)  # a smaller window than the build allows is fine
+            self.max_ctx = max_context  # a smaller window than the build allows is fine
+        # the cache is kept in the decode group's dtype (decode feeds it whole on the NPU)
+        self.cache_dtype = self.dtypes[self.decode_group]["K_cache"]
         self.cache = KVCache(len(self.layers), self.max_ctx_rows, config.kv_dim,
                              self.cache_dtype)
 
@@ -100,12 +126,15 @@ class LanguageModel:
 
     def _check_layer_io(self, session) -> None:
         path = getattr(session, "path", "layer 0")
-        names = [i.name for i in session.get_inputs(0)]
-        missing = [n for n in LAYER_INPUTS if n not in names]
-        if missing:
-            raise ShapeMismatchError(
-                f"decoder layer {path} lacks input(s) {missing} (it has {names}); the model "
-                f"contract (docs/MODEL_DIR.md) needs {list(LAYER_INPUTS)}. Re-export the model")
+        for g in range(self.num_groups):
+            names = [i.name for i in session.get_inputs(g)]
+            missing = [n for n in LAYER_INPUTS if n not in names]
+            if missing:
+                where = f" shape group {g}" if self.fixed else ""
+                raise ShapeMismatchError(
+                    f"decoder layer {path}{where} lacks input(s) {missing} (it has {names}); "
+                    f"the model contract (docs/MODEL_DIR.md) needs {list(LAYER_INPUTS)}. "
+                    "Re-export the model")
         inputs = {i.name: i for i in session.get_inputs(0)}
         hidden = inputs["input"].shape[-1]
         if isinstance(hidden, int) and hidden != self.config.hidden_size:
@@ -125,6 +154,35 @@ class LanguageModel:
             raise ShapeMismatchError(
                 f"post model {getattr(self.post, 'path', '')} takes hidden size {post_in} but "
                 f"config.json says hidden_size={self.config.hidden_size}")
+
+    def _check_layers_agree(self) -> None:
+        """Every layer must have layer 0's shape groups, input and output names, shapes and
+        dtypes (a mixed download would otherwise fail mid-request)."""
+        first = self.layers[0]
+        path0 = getattr(first, "path", "layer 0")
+        for i, layer in enumerate(self.layers[1:], start=1):
+            path = getattr(layer, "path", f"layer {i}")
+            groups = int(getattr(layer, "num_shape_groups", 1)) if self.fixed else 1
+            if getattr(layer, "dynamic_shapes", True) != (not self.fixed) \
+                    or groups != self.num_groups:
+                raise ModelDirError(
+                    f"decoder layer file {path} has {groups} shape group(s) but {path0} has "
+                    f"{self.num_groups}; the layer files come from different builds. Use the "
+                    "layer files of one download or export, all together")
+            for g in range(self.num_groups):
+                for kind in ("inputs", "outputs"):
+                    want = _io_signature(getattr(first, f"get_{kind}")(g))
+                    got = _io_signature(getattr(layer, f"get_{kind}")(g))
+                    if got == want:
+                        continue
+                    name = next((n for n in sorted(set(want) | set(got))
+                                 if want.get(n) != got.get(n)), "?")
+                    raise ModelDirError(
+                        f"decoder layer file {path}, shape group {g}: {kind[:-1]} '{name}' is "
+                        f"{_describe(got.get(name))} but {_describe(want.get(name))} in {path0}; "
+                        "the layer files come from different builds (e.g. another context or "
+                        "prefill length). Use the layer files of one download or export, all "
+                        "together")
 
     def _read_shape_groups(self, session) -> None:
         path = getattr(session, "path", "layer 0")
@@ -178,8 +236,9 @@ class LanguageModel:
                                      f"matrix ({self.embeddings.shape[0]} rows)")
         return np.asarray(self.embeddings[ids], dtype=np.float32)  # (n, hidden)
 
-    def reset(self) -> None:
-        self.cache.reset()
+    def reset(self, clear: bool = True) -> None:
+        """Forget the KV state; `clear` also zeroes the used cache rows (after a failure)."""
+        self.cache.reset(clear=clear)
 
     def check_prompt_length(self, length: int, detail: str = "") -> None:
         if length < 1:
@@ -198,7 +257,7 @@ class LanguageModel:
         (vocab,) of the last prompt token. Resets the cache first."""
         length = embeds.shape[0]
         self.check_prompt_length(length)
-        self.reset()
+        self.reset(clear=False)  # stale rows stay: never read (host) or masked (NPU)
         chunk = self.chunk
         last_hidden = None
         for start in range(0, length, chunk):  # ceil(L / chunk) slices
@@ -216,22 +275,24 @@ class LanguageModel:
             n, group_id = group.n, group.group
         else:
             n, group_id = n_valid, 0
-        hidden = np.zeros((1, n, x.shape[1]), dtype=self.hidden_dtype)  # (1, n, hidden)
+        dt = self.dtypes[group_id]
+        hidden = np.zeros((1, n, x.shape[1]), dtype=dt["input"])  # (1, n, hidden)
         hidden[0, :n_valid] = x
-        indices = np.arange(past, past + n, dtype=self.index_dtype)[None]  # (1, n)
+        indices = np.arange(past, past + n, dtype=dt["indices"])[None]  # (1, n)
         mask = np.full((1, n, past + n), MASKED, dtype=np.float32)  # (1, n, past + n)
         rows = np.arange(n)[:, None]
         cols = np.arange(past + n)[None, :]
         mask[0][(cols <= past + rows) & (rows < n_valid)] = 0.0
-        mask = cast(mask, self.mask_dtype)
+        mask = cast(mask, dt["mask"])
         for i, layer in enumerate(self.layers):
             if self.fixed and past == 0:
-                k = np.zeros((1, group.cache_rows, self.config.kv_dim), self.cache_dtype)
-                v = k
+                k = np.zeros((1, group.cache_rows, self.config.kv_dim), dt["K_cache"])
+                v = np.zeros((1, group.cache_rows, self.config.kv_dim), dt["V_cache"])
             else:
                 k, v = self.cache.view(i, past)  # (1, past, kv_dim)
+                k, v = cast(k, dt["K_cache"]), cast(v, dt["V_cache"])
             feed = {"K_cache": k, "V_cache": v, "indices": indices,
-                    "input": cast(hidden, self.hidden_dtype), "mask": mask}
+                    "input": cast(hidden, dt["input"]), "mask": mask}
             k_new, v_new, hidden = run_session(layer, feed, group_id,
                                                f"prefill of decoder layer {i}")[:3]
             self.cache.write(i, past, k_new[:, :n_valid], v_new[:, :n_valid])
@@ -242,8 +303,9 @@ class LanguageModel:
         pos = self.cache.filled
         if pos >= self.max_ctx:
             raise PromptTooLongError(f"the context of {self.max_ctx} tokens is full")
+        dt = self.dtypes[self.decode_group]
         x = self.embed([token_id])[None]  # (1, 1, hidden)
-        indices = np.array([[pos]], dtype=self.index_dtype)  # (1, 1)
+        indices = np.array([[pos]], dtype=dt["indices"])  # (1, 1)
         if self.fixed:
             ctx = self.decode_cache_len
             mask = np.full((1, 1, ctx + 1), MASKED, dtype=np.float32)  # (1, 1, ctx + 1)
@@ -251,12 +313,12 @@ class LanguageModel:
             mask[..., ctx] = 0.0  # the current token sits in the last column
         else:
             mask = np.zeros((1, 1, pos + 1), dtype=np.float32)  # (1, 1, pos + 1)
-        mask = cast(mask, self.mask_dtype)
-        hidden = cast(x, self.hidden_dtype)
+        mask = cast(mask, dt["mask"])
+        hidden = cast(x, dt["input"])
         for i, layer in enumerate(self.layers):
             k, v = self.cache.view(i, self.decode_cache_len if self.fixed else pos)
-            feed = {"K_cache": k, "V_cache": v, "indices": indices,
-                    "input": cast(hidden, self.hidden_dtype), "mask": mask}
+            feed = {"K_cache": cast(k, dt["K_cache"]), "V_cache": cast(v, dt["V_cache"]),
+                    "indices": indices, "input": cast(hidden, dt["input"]), "mask": mask}
             k_new, v_new, hidden = run_session(layer, feed, self.decode_group,
                                                f"decode of decoder layer {i}")[:3]
             self.cache.write(i, pos, k_new, v_new)  # (1, 1, kv_dim)
@@ -266,8 +328,15 @@ class LanguageModel:
     def _logits(self, hidden: np.ndarray) -> np.ndarray:
         x = cast(np.ascontiguousarray(hidden[:, -1:]), self.post_dtype)  # (1, 1, hidden)
         out = run_session(self.post, {self.post_input: x}, 0, "post (final norm + lm_head)")
-        return np.asarray(out[0], dtype=np.float32).reshape(-1)  # (vocab,)
+        logits = np.asarray(out[0], dtype=np.float32).reshape(-1)  # (vocab,)
+        if not np.isfinite(logits).all():  # some K/V row may be non-finite: zero it next time
+            self.cache.taint()
+        return logits
 
     def close(self) -> None:
         for s in self.layers + [self.post]:
             s.close()
+
+
+def _describe(sig) -> str:
+    return "missing" if sig is None else f"{sig[0]} {sig[1]}"

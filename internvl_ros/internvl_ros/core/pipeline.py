@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BackendError, BusyError, ConfigError, ModelDirError, ShapeMismatchError
-from .llm import LanguageModel, cast, run_session
+from .llm import LanguageModel, cast, check_max_context, run_session
 from .modeldir import ModelDir, load_model_dir
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, check_rgb, decode_image, preprocess_image
 from .prompt import build_prompt_ids
@@ -129,9 +129,10 @@ class Pipeline:
         self.model_dir = model_dir
         self.config = model_dir.config
         self.backend_name = getattr(backend, "name", str(backend))
-        if not isinstance(max_tiles, int) or max_tiles < 1:
+        if isinstance(max_tiles, bool) or not isinstance(max_tiles, int) or max_tiles < 1:
             raise ConfigError(f"max_tiles={max_tiles!r} must be an integer >= 1")
         self.max_tiles = max_tiles
+        max_context = check_max_context(max_context)
         paths = model_dir.paths
         self.tokenizer = model_dir.tokenizer or Tokenizer.from_path(
             paths.tokenizer, hf_dir=paths.hf_dir, extra_eos=self.config.eos_token_ids)
@@ -168,6 +169,7 @@ class Pipeline:
         layers, post, vit, embeddings (see core.modeldir.discover)."""
         from ..backends import get_backend
 
+        check_max_context(max_context)  # before anything loads
         model_dir = load_model_dir(path, backend, **paths)
         impl = get_backend(backend, provider=provider, num_threads=num_threads)
         return cls(model_dir, impl, max_context=max_context, max_tiles=max_tiles)
@@ -227,6 +229,19 @@ class Pipeline:
         pixels = np.concatenate(pixel_list) if pixel_list else None  # (n_tiles, 3, S, S)
         return ids, pixels
 
+    def fit_frames(self, prompt: str, system_prompt: str | None = None,
+                   max_frames: int = 8) -> int:
+        """The most video frames (one tile each, at most `max_frames`) whose prompt fits
+        `max_prompt_tokens`; 0 if not even one does. E.g. 3 on the AX650N build (1024-token
+        prefill limit), 7 on the host's default 2048-token context."""
+        for n in range(max_frames, 0, -1):
+            ids = build_prompt_ids(self.tokenizer, prompt, [1] * n, video=True,
+                                   system_prompt=system_prompt,
+                                   num_image_token=self.num_image_token)
+            if len(ids) <= self.max_prompt_tokens:
+                return n
+        return 0
+
     @property
     def backend_ext(self) -> str:
         return ".axmodel" if self.backend_name == "axengine" else ".onnx"
@@ -285,9 +300,12 @@ class Pipeline:
 class Generation:
     """An iterator of Steps (one per generated token) for one request.
 
-    `cancel()` (any thread) stops before the next token. `result` is the GenerationResult,
-    running the generation to its end first if needed. Stops on an eos token, `<|im_end|>`,
-    max_new_tokens or the context limit.
+    Iterate it from one thread at a time (a second thread gets BusyError). `cancel()` and
+    `close()` are safe from any thread: no Step is yielded after they return, except one that
+    had already been sampled. `close()` also frees the pipeline; while another thread is inside
+    a step, the pipeline is freed when that step ends, never under a running model. `result`
+    is the GenerationResult, running the generation to its end first if needed. Stops on an
+    eos token, `<|im_end|>`, max_new_tokens or the context limit.
     """
 
     def __init__(self, pipeline: Pipeline, prompt_ids: list[int], pixels, config, t0: float):
@@ -297,6 +315,11 @@ class Generation:
         self.config = config
         self._t0 = t0
         self._sampler = Sampler(config)
+        # the ids the repetition penalty covers: generated ids (and the prompt's if asked)
+        head = self.prompt_ids if config.penalize_prompt else []
+        self._history = np.empty(len(head) + config.max_new_tokens, dtype=np.int64)
+        self._history[:len(head)] = head
+        self._n_history = len(head)
         self._stream = pipeline.tokenizer.stream_decoder()
         self._eos = set(pipeline.tokenizer.eos_token_ids)
         self.token_ids: list[int] = []
@@ -304,6 +327,9 @@ class Generation:
                                image_tiles=0 if pixels is None else len(pixels))
         self._logits: np.ndarray | None = None
         self._cancel = threading.Event()
+        self._state = threading.Lock()  # guards _running, _close_requested and finishing
+        self._running = False  # a thread is inside a step
+        self._close_requested = False  # close() came during a step: finish when it ends
         self._finish: str | None = None
         self._result: GenerationResult | None = None
         self._t_first: float | None = None
@@ -337,16 +363,16 @@ class Generation:
         return self._result
 
     def close(self) -> None:
-        """Abandon the generation (as cancel, and release the pipeline now)."""
-        if not self.finished:
+        """Abandon the generation (finish_reason 'cancelled') and free the pipeline: now, or
+        when the step another thread is running ends."""
+        with self._state:
+            self._cancel.set()
+            if self._finish is not None:
+                return
+            if self._running:
+                self._close_requested = True
+                return
             self._done("cancelled")
-
-    def __del__(self):  # an abandoned generation must not keep the pipeline busy
-        try:
-            if self._finish is None:
-                self._pipe._release(self)
-        except Exception:
-            pass
 
     # ---------------------------------------------------------------- iteration
 
@@ -354,8 +380,13 @@ class Generation:
         return self
 
     def __next__(self) -> Step:
-        if self._finish is not None:
-            raise StopIteration
+        with self._state:
+            if self._running:
+                raise BusyError("another thread is iterating this generation; iterate it from "
+                                "one thread (cancel() and close() are safe from any thread)")
+            if self._finish is not None:
+                raise StopIteration
+            self._running = True
         try:
             return self._next()
         except StopIteration:
@@ -363,6 +394,11 @@ class Generation:
         except BaseException as exc:
             self._fail(exc)
             raise
+        finally:
+            with self._state:
+                self._running = False
+                if self._close_requested and self._finish is None:
+                    self._done("cancelled")
 
     def _next(self) -> Step:
         llm = self._pipe.llm
@@ -379,13 +415,19 @@ class Generation:
             self._logits = llm.decode(self.token_ids[-1])
             self.timings.decode_s += time.perf_counter() - t
             self._decode_steps += 1
-        token = self._sampler(self._logits, self.prompt_ids + self.token_ids)
+        penalised = (self._history[:self._n_history]
+                     if self.config.repetition_penalty != 1.0 else ())
+        token = self._sampler(self._logits, penalised)
         if self._t_first is None:
             self._t_first = time.perf_counter()
             self.timings.ttft_s = self._t_first - self._t0
+        if self._cancel.is_set():  # cancelled during this step: yield nothing more
+            self._stop("cancelled")
         if token in self._eos:
             self._stop("eos")
         self.token_ids.append(token)
+        self._history[self._n_history] = token
+        self._n_history += 1
         delta = self._stream.push(token)
         return Step(index=len(self.token_ids) - 1, token_id=token, text_delta=delta)
 
@@ -411,7 +453,6 @@ class Generation:
         raise StopIteration
 
     def _done(self, reason: str) -> None:
-        self._finish = reason
         t_end = time.perf_counter()
         tm = self.timings
         tm.generated_tokens = len(self.token_ids)
@@ -425,13 +466,14 @@ class Generation:
             text_tail=tail)
         self._pixels = None
         self._logits = None
+        self._finish = reason  # last: from here on generate() may start the next request
         self._pipe._release(self)
 
     def _fail(self, exc: BaseException) -> None:
-        """A backend (or other) error: reset the KV state and free the pipeline."""
-        self._finish = "error"
+        """A backend (or other) error: reset (and zero) the KV state, free the pipeline."""
         self._error = exc
         try:
-            self._pipe.llm.reset()
+            self._pipe.llm.reset(clear=True)
         finally:
+            self._finish = "error"
             self._pipe._release(self)

@@ -63,7 +63,9 @@ def check_rgb(image) -> np.ndarray:
 
 
 def sample_video_frames(path: str | Path, num_frames: int) -> list[np.ndarray]:
-    """`num_frames` RGB frames evenly spaced over a video file (InternVL's segment centres)."""
+    """`num_frames` RGB frames evenly spaced over a video file: the segment centres of
+    InternVL's `get_index` (no time bound): segments of (count - 1) / num_frames frames,
+    frame int(seg / 2 + round(seg * i)) of segment i (round half to even, as np.round)."""
     if num_frames < 1:
         raise ImageDecodeError(f"num_frames={num_frames} must be >= 1")
     path = Path(path)
@@ -83,7 +85,7 @@ def sample_video_frames(path: str | Path, num_frames: int) -> list[np.ndarray]:
             cap = cv2.VideoCapture(str(path))
         if count <= 0:
             raise ImageDecodeError(f"video file {path} has no decodable frames")
-        seg = count / num_frames
+        seg = (count - 1) / num_frames  # InternVL: max_frame = len(video) - 1
         targets = [min(count - 1, int(seg / 2 + round(seg * i))) for i in range(num_frames)]
         wanted = set(targets)
         frames: dict = {}

@@ -162,32 +162,50 @@ def _load_json_tokenizer(path: Path) -> HFTokenizer:
 
 
 class StreamDecoder:
-    """Incremental detokenisation for streaming.
+    """Incremental detokenisation for streaming, O(1) work per token.
 
-    `push(token_id)` returns the new text since the last call. Text that ends in an incomplete
-    UTF-8 sequence (decoded as U+FFFD) is held back until the next tokens complete it, so no
-    delta ever holds half a character; `flush()` returns what is left. The concatenated deltas
-    equal `decode(all ids)`.
+    `push(token_id)` returns the new text since the last call. Like transformers' TextStreamer
+    and onnxruntime-genai's TokenizerStream it decodes only a short window: the ids from
+    `prefix` (the start of the last emitted piece, for context) to the end, and emits what
+    follows the decoded `prefix:read` part. Text that ends in an incomplete UTF-8 sequence
+    (decoded as U+FFFD) is held back until the next tokens complete it, so no delta ever holds
+    half a character; `flush()` returns what is left. The concatenated deltas equal
+    `decode(all ids)`.
     """
 
     def __init__(self, tokenizer: Tokenizer):
         self._tok = tokenizer
         self.ids: list[int] = []
-        self.text = ""  # emitted so far
+        self._pieces: list[str] = []  # the deltas emitted so far
+        self._prefix = 0  # ids[prefix:read] decode to the end of the emitted text
+        self._read = 0
+
+    @property
+    def text(self) -> str:
+        """The text emitted so far."""
+        return "".join(self._pieces)
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
-        full = self._tok.decode(self.ids)
-        if full.endswith("\ufffd") or not full.startswith(self.text):
-            return ""
-        delta = full[len(self.text):]
-        self.text = full
+        window = self.ids[self._prefix:]
+        seen = (self._tok.decode(window[:self._read - self._prefix])
+                if self._read > self._prefix else "")
+        now = self._tok.decode(window)
+        if len(now) <= len(seen) or now.endswith("\ufffd") or not now.startswith(seen):
+            return ""  # nothing new yet, or a character is still incomplete
+        delta = now[len(seen):]
+        self._pieces.append(delta)
+        self._prefix, self._read = self._read, len(self.ids)
         return delta
 
     def flush(self) -> str:
+        """The rest of the text (e.g. a dangling partial character, as U+FFFD)."""
         full = self._tok.decode(self.ids)
-        if not full.startswith(self.text):  # cannot happen with byte-level BPE; be safe
+        text = self.text
+        if not full.startswith(text):  # cannot happen with byte-level BPE; be safe
             return ""
-        delta = full[len(self.text):]
-        self.text = full
+        delta = full[len(text):]
+        if delta:
+            self._pieces.append(delta)
+        self._prefix = self._read = len(self.ids)
         return delta

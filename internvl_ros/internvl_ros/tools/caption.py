@@ -2,7 +2,10 @@
 
     internvl-caption --model-dir DIR --image a.jpg --prompt "What is in front of the robot?"
     internvl-caption --model-dir AXERA_ROOT --backend axengine --image a.jpg --prompt ... --stream
-    internvl-caption --model-dir DIR --video clip.mp4 --frames 8 --prompt ... --json
+    internvl-caption --model-dir DIR --video clip.mp4 --prompt ... --json
+
+--video samples as many frames as fit the model's prompt limit, at most 8 (256 image tokens
+each: 3 on the AX650N build, 7 with the host's default 2048-token context); --frames N sets it.
 
 Errors of the runtime print one line on stderr and exit with status 2.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an image file (repeat for several images)")
     p.add_argument("--video", default=None, metavar="PATH", help="a video file")
-    p.add_argument("--frames", type=int, default=8, help="frames sampled from --video")
+    p.add_argument("--frames", type=int, default=None,
+                   help="frames sampled from --video (default: as many as fit the prompt "
+                        "limit, at most 8: 3 on the AX650N build, 7 on the host's 2048-token "
+                        "context)")
     p.add_argument("--max-tiles", type=int, default=1,
                    help="max 448x448 tiles per image (dynamic tiling; 1 on the AX650N)")
     p.add_argument("--prompt", required=True, help="the question")
@@ -35,7 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="penalty on tokens already generated (1 = off)")
+    p.add_argument("--penalize-prompt", action="store_true",
+                   help="the repetition penalty also covers the prompt's tokens")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--max-context", type=int, default=None,
                    help="context window in tokens (host default 2048; NPU: the build's)")
@@ -53,15 +63,25 @@ def run(args: argparse.Namespace) -> int:
         raise ImageDecodeError("use either --image or --video, not both")
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p,
-                              repetition_penalty=args.repetition_penalty, seed=args.seed)
-    if args.video:
-        images, video = sample_video_frames(args.video, args.frames), True
+                              repetition_penalty=args.repetition_penalty, seed=args.seed,
+                              penalize_prompt=args.penalize_prompt)
+    images, video = [], bool(args.video)
+    if video:  # fail before loading the model
+        if not Path(args.video).is_file():
+            raise ImageDecodeError(f"video file {args.video} does not exist")
+        if args.frames is not None and args.frames < 1:
+            raise ImageDecodeError(f"--frames {args.frames}: must be >= 1")
     else:
-        images, video = [load_image(p) for p in args.image], False
+        images = [load_image(p) for p in args.image]
     pipe = Pipeline.from_model_dir(args.model_dir, backend=args.backend, provider=args.provider,
                                    num_threads=args.threads, max_context=args.max_context,
                                    max_tiles=args.max_tiles)
     try:
+        if video:
+            frames = args.frames
+            if frames is None:  # as many as fit; none fitting is reported by generate()
+                frames = max(1, pipe.fit_frames(args.prompt, args.system_prompt))
+            images = sample_video_frames(args.video, frames)
         gen = pipe.generate(args.prompt, images=images, video=video,
                             system_prompt=args.system_prompt, config=config)
         out = sys.stderr if args.json else sys.stdout
