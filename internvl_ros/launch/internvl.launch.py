@@ -1,9 +1,12 @@
 """Start internvl_node.
 
-  ros2 launch internvl_ros internvl.launch.py \
-      params_file:=/path/to/internvl.yaml namespace:=robot1 image_topic:=/camera/image_raw
+  ros2 launch internvl_ros internvl.launch.py model_dir:=/path/to/model \
+      image_topic:=/camera/image_raw [params_file:=/path/to/internvl.yaml] [namespace:=robot1]
 
 Arguments:
+  model_dir               the model directory (docs/MODEL_DIR.md); when given, it overrides the
+                          params file's model_dir (the shipped file leaves it empty, so a plain
+                          launch needs either this or a params file that sets it)
   params_file             parameters YAML (default: the installed config/internvl.yaml)
   namespace               namespace of the node (default: none, so /internvl/describe)
   image_topic             topic remapped onto the node's "image" input (with
@@ -16,7 +19,7 @@ import os
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable
+from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
 from launch.conditions import IfCondition
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
@@ -25,10 +28,35 @@ PACKAGE = "internvl_ros"
 EXECUTABLE = "internvl_node"
 
 
+def node_action(context):
+    """The node; model_dir overrides the params file only when the argument is non-empty."""
+    parameters = [LaunchConfiguration("params_file")]
+    model_dir = LaunchConfiguration("model_dir").perform(context)
+    if model_dir:
+        parameters.append({"model_dir": model_dir})  # later entries win
+    return [
+        Node(
+            package=PACKAGE,
+            executable=EXECUTABLE,
+            name="internvl",
+            namespace=LaunchConfiguration("namespace"),
+            parameters=parameters,
+            remappings=[("image", LaunchConfiguration("image_topic"))],
+            output="screen",
+            emulate_tty=True,
+        )
+    ]
+
+
 def generate_launch_description():
     share = get_package_share_directory(PACKAGE)
     return LaunchDescription(
         [
+            DeclareLaunchArgument(
+                "model_dir",
+                default_value="",
+                description="Model directory; overrides the params file's model_dir when set.",
+            ),
             DeclareLaunchArgument(
                 "params_file",
                 default_value=os.path.join(share, "config", "internvl.yaml"),
@@ -52,15 +80,6 @@ def generate_launch_description():
                 os.path.join(share, "config", "fastdds_large_data.xml"),
                 condition=IfCondition(LaunchConfiguration("use_large_data_profile")),
             ),
-            Node(
-                package=PACKAGE,
-                executable=EXECUTABLE,
-                name="internvl",
-                namespace=LaunchConfiguration("namespace"),
-                parameters=[LaunchConfiguration("params_file")],
-                remappings=[("image", LaunchConfiguration("image_topic"))],
-                output="screen",
-                emulate_tty=True,
-            ),
+            OpaqueFunction(function=node_action),
         ]
     )

@@ -318,3 +318,123 @@ def test_check_is_cheap_and_does_not_copy():
         ic.check_frame(jpg, MAX_DIM)
     per_call = (time.perf_counter() - t0) / 400
     assert per_call < 1e-3, per_call
+
+
+# ---------------------------------------------------------------------------------------------
+# serialized frames (the node subscribes raw and reads the CDR header itself)
+
+
+def _ros_image(frame_id: str, encoding: str, pad: int, bigendian: bool):
+    from sensor_msgs.msg import Image
+
+    px = ground_truth(6, 10)
+    if encoding == "mono16":
+        px = px[..., :1].astype(np.uint16) * 257
+    elif encoding == "bgra8":
+        px = np.concatenate([px, px[..., :1]], axis=2)  # (h, w, 4)
+    m = raw_msg(px, encoding, pad=pad, bigendian=bigendian)
+    msg = Image(height=m.height, width=m.width, encoding=encoding, step=m.step, data=m.data,
+                is_bigendian=m.is_bigendian)
+    msg.header.frame_id, msg.header.stamp.sec, msg.header.stamp.nanosec = frame_id, -3, 999
+    return msg
+
+
+@pytest.mark.parametrize("frame_id", ["", "c", "ca", "cam", "cam0", "camera_optical_frame"])
+@pytest.mark.parametrize("encoding,pad,bigendian",
+                         [("rgb8", 0, False), ("bgra8", 3, False), ("mono16", 1, True)])
+def test_cdr_image_fields_match_the_message(frame_id, encoding, pad, bigendian):
+    """Every string length (so every alignment) reads back the fields rclpy serialized."""
+    from rclpy.serialization import serialize_message
+
+    from internvl_ros.ros import cdr
+
+    msg = _ros_image(frame_id, encoding, pad, bigendian)
+    raw = serialize_message(msg)
+    v = cdr.parse_image(raw)
+    assert (v.height, v.width, v.encoding, v.is_bigendian, v.step) == (
+        msg.height, msg.width, msg.encoding, msg.is_bigendian, msg.step)
+    assert (v.header.frame_id, v.header.stamp.sec, v.header.stamp.nanosec) == (frame_id, -3, 999)
+    assert bytes(v.data) == msg.data.tobytes() and v.data.obj is raw  # a view, not a copy
+    assert ic.check_frame(v, MAX_DIM) == ic.check_frame(msg, MAX_DIM)
+    np.testing.assert_array_equal(ic.frame_to_rgb(v, MAX_DIM), ic.frame_to_rgb(msg, MAX_DIM))
+
+
+@pytest.mark.parametrize("fmt", ["", "png", "rgb8; jpeg compressed bgr8"])
+def test_cdr_compressed_fields_match_the_message(fmt):
+    from rclpy.serialization import serialize_message
+    from sensor_msgs.msg import CompressedImage
+
+    from internvl_ros.ros import cdr
+
+    png = encode(ground_truth(), ".png")
+    msg = CompressedImage(format=fmt, data=array.array("B", png))
+    msg.header.frame_id = "cam2"
+    v = cdr.parse_compressed(serialize_message(msg))
+    assert v.format == fmt and v.header.frame_id == "cam2" and bytes(v.data) == png
+    assert ic.check_frame(v, MAX_DIM) == ic.FrameInfo(W, H, "png", True)
+
+
+def _cdr_be_image(frame_id: str, h: int, w: int, enc: str, step: int, data: bytes) -> bytes:
+    """A big-endian (CDR_BE) sensor_msgs/Image, written by hand: no RMW here writes one."""
+    import struct
+
+    out = bytearray(b"\x00\x00\x00\x00")
+
+    def align(n):
+        out.extend(bytes((-(len(out) - 4)) % n))
+
+    def u32(v):
+        align(4)
+        out.extend(struct.pack(">I", v))
+
+    def string(s):
+        u32(len(s) + 1)
+        out.extend(s.encode() + b"\x00")
+
+    u32(7)
+    u32(8)
+    string(frame_id)
+    u32(h)
+    u32(w)
+    string(enc)
+    out.append(0)
+    u32(step)
+    u32(len(data))
+    out.extend(data)
+    return bytes(out)
+
+
+def test_cdr_big_endian_and_bad_bytes():
+    from internvl_ros.ros import cdr
+
+    data = bytes(range(2 * 9))
+    v = cdr.parse_image(_cdr_be_image("ab", 2, 3, "rgb8", 9, data))
+    assert (v.height, v.width, v.encoding, v.step, bytes(v.data)) == (2, 3, "rgb8", 9, data)
+    assert v.header.stamp.sec == 7 and v.header.frame_id == "ab"
+    good = _cdr_be_image("ab", 2, 3, "rgb8", 9, data)
+    assert cdr.parse_image(good + b"\x00" * 3)  # trailing alignment padding is fine
+    for bad in (good[:-1],  # truncated data
+                good[:20],  # truncated header
+                b"\x00\x07" + good[2:],  # XCDR2 encapsulation: not read here
+                good + bytes(8),  # trailing bytes: not this type
+                b""):
+        with pytest.raises(cdr.CdrError):
+            cdr.parse_image(bad)
+    with pytest.raises(cdr.CdrError):  # a CompressedImage is not an Image
+        from rclpy.serialization import serialize_message
+        from sensor_msgs.msg import CompressedImage
+
+        cdr.parse_image(serialize_message(CompressedImage(format="jpeg")))
+
+
+def test_cdr_bad_frame_is_still_a_bad_frame():
+    """A frame whose header disagrees with its data parses, and check_frame refuses it."""
+    from rclpy.serialization import serialize_message
+
+    from internvl_ros.ros import cdr
+
+    msg = _ros_image("cam", "rgb8", 0, False)
+    msg.data = msg.data[:-5]
+    with pytest.raises(ic.BadFrameError) as e:
+        ic.check_frame(cdr.parse_image(serialize_message(msg)), MAX_DIM)
+    assert e.value.kind == "size"

@@ -25,6 +25,13 @@ class Recorder:
         self.args, self.kwargs = args, kwargs
 
 
+class LaunchConfigurationStub(Recorder):
+    """LaunchConfiguration(name).perform(context) reads the context's launch arguments."""
+
+    def perform(self, context):
+        return context.launch_configurations[self.args[0]]
+
+
 def _stub_modules(share: str) -> dict[str, types.ModuleType]:
     mods = {}
     for name in [
@@ -40,14 +47,14 @@ def _stub_modules(share: str) -> dict[str, types.ModuleType]:
         mods[name] = types.ModuleType(name)
     kinds = {
         "launch": ["LaunchDescription"],
-        "launch.actions": ["DeclareLaunchArgument", "SetEnvironmentVariable"],
+        "launch.actions": ["DeclareLaunchArgument", "SetEnvironmentVariable", "OpaqueFunction"],
         "launch.conditions": ["IfCondition"],
-        "launch.substitutions": ["LaunchConfiguration"],
         "launch_ros.actions": ["Node"],
     }
     for mod, classes in kinds.items():
         for cls in classes:
             setattr(mods[mod], cls, type(cls, (Recorder,), {}))
+    mods["launch.substitutions"].LaunchConfiguration = LaunchConfigurationStub
     mods["ament_index_python.packages"].get_package_share_directory = lambda pkg: f"{share}/{pkg}"
     return mods
 
@@ -65,8 +72,19 @@ def _by_type(description, name):
     return [a for a in description.args[0] if type(a).__name__ == name]
 
 
+def _nodes(description, **arguments) -> list:
+    """Run the launch file's OpaqueFunction(s) with these launch arguments (defaults first)."""
+    declared = {a.args[0]: a.kwargs["default_value"]
+                for a in _by_type(description, "DeclareLaunchArgument")}
+    context = types.SimpleNamespace(launch_configurations={**declared, **arguments})
+    out = _by_type(description, "Node")
+    for f in _by_type(description, "OpaqueFunction"):
+        out += f.kwargs["function"](context)
+    return out
+
+
 def test_launch_starts_our_executable_with_params_namespace_and_remap(description):
-    (node,) = _by_type(description, "Node")
+    (node,) = _nodes(description)
     kw = node.kwargs
     assert kw["package"] == "internvl_ros"
     assert kw["executable"] == "internvl_node"
@@ -77,13 +95,24 @@ def test_launch_starts_our_executable_with_params_namespace_and_remap(descriptio
     assert src == "image" and dst.args == ("image_topic",)
 
     declared = {a.args[0]: a.kwargs for a in _by_type(description, "DeclareLaunchArgument")}
-    assert {"params_file", "namespace", "image_topic"} <= set(declared)
+    assert {"params_file", "namespace", "image_topic", "model_dir"} <= set(declared)
     assert declared["params_file"]["default_value"] == (
         "/opt/share/internvl_ros/config/internvl.yaml"
     )
+    assert declared["model_dir"]["default_value"] == ""
     (env,) = _by_type(description, "SetEnvironmentVariable")
     assert env.args[1].endswith("config/fastdds_large_data.xml")
     assert (PKG / "config" / "fastdds_large_data.xml").is_file()
+
+
+def test_model_dir_argument_overrides_the_params_file_only_when_given(description):
+    """The shipped params file has model_dir: "" (a plain launch must be able to set it)."""
+    (node,) = _nodes(description, model_dir="/models/internvl")
+    params_file, override = node.kwargs["parameters"]
+    assert params_file.args == ("params_file",) and override == {"model_dir": "/models/internvl"}
+    (node,) = _nodes(description)  # empty: the params file's value stands
+    assert [p.args for p in node.kwargs["parameters"]] == [("params_file",)]
+    assert _yaml_params()["model_dir"] == ""
 
 
 def test_executable_is_a_registered_console_script():

@@ -520,11 +520,15 @@ def test_bad_compressed_frames_are_dropped_and_the_next_request_succeeds(client,
                          for k, n in want.items()), 8, "every bad compressed frame counted")
     # a JPEG whose header is sound but whose scan is broken passes intake and fails at decode
     jpg[jpg.index(b"\xff\xda") + 5] = 0x77
+    received = int(client.diagnostics("/cmp/internvl")["frames_received"])  # counted the bad
     client.cmp_pub.publish(compressed_image(bytes(jpg), "jpeg", stamp_sec=70))
-    time.sleep(0.3)
+    wait_for(lambda: int(client.diagnostics("/cmp/internvl", newer_than=time.monotonic())[
+        "frames_received"]) > received, 8, "the broken JPEG to arrive")
     r = client.describe(NS_CMP, prompt=PROMPT)
     assert not r.success and "could not decode" in r.message and "corrupt" in r.message
     assert "[corrupt]" in node.log() and node.alive()
+    r = client.describe(NS_CMP, prompt=PROMPT)  # that frame is gone, and the node says so
+    assert not r.success and "could not be decoded and was dropped" in r.message, r.message
     client.cmp_pub.publish(compressed_image(png, "png", stamp_sec=71))
     wait_for(lambda: client.describe(NS_CMP, prompt=PROMPT).image_header.stamp.sec == 71, 10,
              "the next good frame to be described")
@@ -548,12 +552,14 @@ def test_load_eight_concurrent_calls_with_max_queue_2(stream):
     client = stream
     long_tokens = 1500  # the tiny model decodes ~1500 tokens/s: about 1 s per generation
     before = client.diagnostics("/internvl", newer_than=time.monotonic())
+    sent_before = client.sent
     t0 = time.monotonic()
     futs = [client.call_async(NS_RAW, prompt=PROMPT, max_new_tokens=long_tokens,
                               max_frame_age=-1.0) for _ in range(8)]
     results = [wait_future(f) for f in futs]
     elapsed = time.monotonic() - t0
     after = client.diagnostics("/internvl", newer_than=time.monotonic())
+    sent = client.sent - sent_before
     ok = [r for r in results if r.success]
     busy = [r for r in results if not r.success]
     assert len(results) == 8
@@ -564,10 +570,13 @@ def test_load_eight_concurrent_calls_with_max_queue_2(stream):
     served = int(after["requests_served"]) - int(before["requests_served"])
     refused = int(after["requests_refused"]) - int(before["requests_refused"])
     assert (served, refused) == (len(ok), len(busy))
-    # frames kept arriving during the generations (the node counts them)
+    # frames kept arriving during the generations (the node counts them). Measured against
+    # what this process actually published meanwhile (on 2 loaded cores that is less than
+    # 30 Hz): intake blocked behind inference would receive next to nothing.
     received = int(after["frames_received"]) - int(before["frames_received"])
     assert elapsed > 1.0, f"generations too short ({elapsed:.2f} s) to measure intake"
-    assert received >= 0.5 * 30 * (elapsed - 1.0), (received, elapsed)
+    assert sent >= 15, f"the test's camera published only {sent} frames in {elapsed:.1f} s"
+    assert received >= 0.5 * sent, (received, sent, elapsed)
 
 
 def test_action_streams_feedback_and_cancels(stream):
@@ -599,9 +608,40 @@ def test_action_streams_feedback_and_cancels(stream):
         f.feedback)))
     res = wait_future(handle.get_result_async())
     assert res.status == GoalStatus.STATUS_SUCCEEDED and res.result.success
-    assert feedback[-1].generated_tokens == res.result.timings.generated_tokens
+    # feedback (a topic) and the result (a service) may arrive in either order
+    n = res.result.timings.generated_tokens
+    wait_for(lambda: feedback and feedback[-1].generated_tokens == n, 5, "the last feedback")
     assert feedback[-1].text == res.result.caption
     wait_for(lambda: client.stamped[NS_RAW][-1].source == "action", 5, "action caption")
+
+
+def test_mixed_publishers_switch_auto_qos_while_frames_arrive(stream, nodes, references):
+    """A best-effort publisher joins the reliable 30 Hz stream: auto re-subscribes best effort
+    (with a warning, since the reliable frames are now lost), and back when it leaves. The
+    subscription is destroyed and re-created while frames arrive, under the spinning executor."""
+    client, node = stream, nodes["a"]
+    start = len(node.log())
+
+    def logged(text):
+        return text in node.log()[start:]
+
+    be = client.node.create_publisher(
+        Image, RAW_TOPIC, QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT))
+    try:
+        # (graph discovery of a new publisher takes ~1 s; rarely, on a loaded machine, longer)
+        wait_for(lambda: logged("reliable and best-effort publishers"), 20, "the mixed warning")
+        assert logged("(Image, best_effort, depth 5): auto: 1 of 2 publisher(s) are best effort")
+        warning = next(ln for ln in node.log()[start:].splitlines()
+                       if "reliable and best-effort publishers" in ln)
+        assert "/internvl_test_client (reliable, volatile)" in warning
+        assert "fastdds_large_data.xml" in warning
+    finally:
+        client.node.destroy_publisher(be)
+    wait_for(lambda: logged("(Image, reliable, depth 5): auto: all 1 publisher(s) are reliable"),
+             20, "auto to go back to reliable")
+    r = client.describe(NS_RAW, prompt=PROMPT)
+    assert r.success and r.caption == references("scene", PROMPT)
+    assert node.alive() and "Traceback" not in node.log()[start:]
 
 
 def _set_params(client, fqn, **values) -> list:
@@ -725,15 +765,42 @@ def test_request_timeout_answers_and_frees_the_pipeline(stream):
 
 
 def test_sigterm_answers_every_request_then_exits_zero(nodes):
+    """Two service calls and an action goal in flight (one generating, two waiting): each gets
+    its answer, including the action result that rclpy sends after the goal has ended."""
     a, b, client = nodes["a"], nodes["b"], nodes["client"]
-    futs = [client.call_async(NS_RAW, prompt=PROMPT, max_new_tokens=1500, max_frame_age=-1.0)
-            for _ in range(3)]  # one generating, two waiting
-    time.sleep(0.3)
+    long = dict(prompt=PROMPT, max_new_tokens=1500, max_frame_age=-1.0)
+    futs = [client.call_async(NS_RAW, **long)]
+    goal = wait_future(client.actions[NS_RAW].send_goal_async(DescribeAction.Goal(**long)))
+    assert goal.accepted
+    result = goal.get_result_async()
+    futs.append(client.call_async(NS_RAW, **long))
+    # a busy refusal proves that one generation runs and two requests wait at the node (a sleep
+    # would not: on a loaded machine a request may not have arrived yet); a probe that is not
+    # refused has been queued instead, and must be answered like the others
+    while True:
+        probe = client.call_async(NS_RAW, **long)
+        done = threading.Event()
+        probe.add_done_callback(lambda _, done=done: done.set())
+        if done.wait(0.5):
+            assert "busy: 1 generation running and 2 request(s) waiting" in \
+                probe.result().message, probe.result().message
+            break
+        futs.append(probe)
+    t0 = time.monotonic()
     assert a.stop(signal.SIGTERM) == 0
-    answers = [wait_future(f, timeout=5) for f in futs]
-    assert [r.message for r in answers] == ["the node is shutting down"] * 3
+    assert time.monotonic() - t0 < 5.0  # within ros2 launch's SIGINT-to-SIGTERM delay
+    answers = [wait_future(f, timeout=5).message for f in futs]
+    res = wait_future(result, timeout=5)
+    answers.append(res.result.message)
+    # the running one may have finished just before the signal; every other is told why
+    finished = [m for m in answers if m == "ok"]
+    assert len(finished) <= 1 and answers.count("the node is shutting down") == \
+        len(answers) - len(finished), answers
+    assert res.status == (GoalStatus.STATUS_SUCCEEDED if res.result.message == "ok" else
+                          GoalStatus.STATUS_ABORTED)
     assert b.stop(signal.SIGINT) == 0  # Ctrl-C
     for proc in (a, b):
         log = proc.log()
         assert "Traceback" not in log and "Failed to publish" not in log, log
+        assert "InvalidHandle" not in log and "Failed to send" not in log, log
         assert "stopped; released the model sessions" in log

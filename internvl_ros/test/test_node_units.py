@@ -1,6 +1,7 @@
 """The node's parts in-process, without DDS: the inference worker on the real pipeline and the
-tiny model (backend failure mid-generation, queue bound, cancel, shutdown), QoS matching, the
-parameter table and the warning throttle."""
+tiny model (backend failure mid-generation, queue bound, cancel, shutdown, continuous mode giving
+way to requests, an internal error, a caption racing a timeout), QoS matching, the parameter
+table and the warning throttle."""
 
 from __future__ import annotations
 
@@ -13,15 +14,30 @@ import pytest
 
 from internvl_ros.core import GenerationConfig, Pipeline
 from internvl_ros.export.testing import tiny_model_dirs
-from internvl_ros.ros.worker import InferenceWorker, Job, Outcome, Request, RequestError
+from internvl_ros.ros.worker import (
+    CONTINUOUS,
+    InferenceWorker,
+    Job,
+    Outcome,
+    Request,
+    RequestError,
+)
 
 LOG = logging.getLogger("test_node_worker")
 RGB = np.random.default_rng(5).integers(0, 256, (480, 640, 3), dtype=np.uint8)
 
 
-def request(prompt="What is in front of the robot?", tokens=16, **kw) -> Request:
+def request(prompt="What is in front of the robot?", tokens=16, source="service",
+            **kw) -> Request:
     return Request(prompt=prompt, system_prompt=None, max_new_tokens=tokens,
-                   max_frame_age=float("inf"), source="service", **kw)
+                   max_frame_age=float("inf"), source=source, **kw)
+
+
+def wait_until(pred, timeout=10.0, what="a condition"):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.002)
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +49,20 @@ def model_dir():
 def make_worker(model_dir):
     made = []
 
-    def make(max_queue=2, prepare=None, pipeline=None):
+    def make(max_queue=2, prepare=None, pipeline=None, on_caption=None):
         pipe = pipeline or Pipeline.from_model_dir(model_dir)
         published = []
+
+        def publish(job, outcome):
+            if on_caption is not None:
+                on_caption(job, outcome)
+            published.append(outcome.text)
+
         w = InferenceWorker(
             pipe,
             prepare=prepare or (lambda job: (RGB, "hdr", 0.001)),
             make_config=lambda job: GenerationConfig(max_new_tokens=job.request.max_new_tokens),
-            on_caption=lambda job, outcome: published.append(outcome.text),
+            on_caption=publish,
             logger=LOG,
             max_queue_fn=lambda: max_queue,
         )
@@ -51,6 +73,7 @@ def make_worker(model_dir):
     yield make
     for w in made:
         w.stop()
+        assert w.join(30)
         w.pipeline.close()
 
 
@@ -103,12 +126,13 @@ def test_queue_bound_refuses_at_once_and_every_job_gets_one_outcome(make_worker)
     worker = make_worker(max_queue=1, prepare=slow_prepare)
     jobs = [Job(request(tokens=4)) for _ in range(4)]
     assert worker.submit(jobs[0]) is None
-    time.sleep(0.1)  # the worker picks it up and blocks in prepare
+    wait_until(lambda: worker.state() == ("generating", 0), what="the worker to pick it up")
     assert worker.submit(jobs[1]) is None  # waits
     t0 = time.monotonic()
     refused = [worker.submit(j) for j in jobs[2:]]
     assert time.monotonic() - t0 < 0.05
-    assert all(r and r.startswith("busy:") and "max_queue 1" in r for r in refused)
+    assert all(r.refused and r.message.startswith("busy:") and "max_queue 1" in r.message
+               for r in refused)
     assert worker.state() == ("generating", 1)
     gate.set()
     for j in jobs[:2]:
@@ -132,8 +156,7 @@ def test_request_errors_and_cancel(make_worker):
     seen = []
     job = Job(request(tokens=1500, on_delta=lambda text, delta, n: seen.append(n)))
     assert worker.submit(job) is None
-    while not seen:
-        time.sleep(0.001)
+    wait_until(lambda: seen, what="the first token")
     job.cancel.set()
     assert job.wait(30)
     assert job.outcome.success and job.outcome.finish_reason == "cancelled"
@@ -148,14 +171,115 @@ def test_stop_answers_queued_jobs_and_cancels_the_running_one(make_worker):
     queued = [Job(request()) for _ in range(3)]
     for j in (first, *queued):
         assert worker.submit(j) is None
-    time.sleep(0.2)
-    worker.stop()
+    wait_until(lambda: worker.state() == ("generating", 3), what="one running, three waiting")
+    t0 = time.monotonic()
+    worker.stop()  # answers everything at once, without waiting for the worker
+    assert time.monotonic() - t0 < 0.1
     for j in (first, *queued):
         assert j.done and not j.outcome.success
         assert j.outcome.message == "the node is shutting down"
-    assert not worker._thread.is_alive()  # the running generation stopped at a token
+    assert worker.join(10)  # the running generation stopped at a token
     assert not worker.pipeline.busy
-    assert worker.submit(Job(request())) == "the node is shutting down"
+    refusal = worker.submit(Job(request()))
+    assert refusal.message == "the node is shutting down" and not refusal.refused  # not busy
+
+
+def test_stop_does_not_wait_for_a_model_run_that_cannot_be_interrupted(make_worker):
+    """A long ViT pass or prefill has no token boundary: stop() answers, join() is bounded."""
+    inside, release = threading.Event(), threading.Event()
+
+    def long_vit(job):
+        inside.set()
+        release.wait(10)
+        return RGB, None, 0.0
+
+    worker = make_worker(prepare=long_vit)
+    job = Job(request())
+    assert worker.submit(job) is None
+    assert inside.wait(10)
+    worker.stop()
+    assert job.done and job.outcome.message == "the node is shutting down"
+    assert not worker.join(0.2) and worker.alive  # still "inside the model"
+    release.set()
+    assert worker.join(10) and not worker.pipeline.busy
+
+
+def test_a_request_pre_empts_continuous_mode(make_worker):
+    """With max_queue 0, a request during a continuous caption is served, not refused."""
+    worker = make_worker(max_queue=0)
+    started = threading.Event()
+    cont = Job(request(tokens=1500, source=CONTINUOUS,
+                       on_delta=lambda *a: started.set()))
+    assert worker.submit(cont, only_if_idle=True) is None
+    assert started.wait(10)
+    refusal = worker.submit(Job(request(source=CONTINUOUS)), only_if_idle=True)
+    assert refusal is not None and refusal.refused  # continuous never queues behind anything
+    req = Job(request())
+    assert worker.submit(req) is None  # the continuous caption gives way
+    busy = worker.submit(Job(request()))  # but the bound holds for requests
+    assert busy is not None and busy.refused and "max_queue 0" in busy.message
+    assert cont.wait(30) and cont.outcome.finish_reason == "cancelled"
+    assert req.wait(30) and req.outcome.success and req.outcome.finish_reason == "length"
+    assert worker.published == [req.outcome.text]  # the cut-off continuous text is not
+
+
+def test_an_internal_error_answers_the_job_and_the_worker_keeps_serving(make_worker, model_dir):
+    class BrokenOnce:
+        """The real pipeline, except that the first result's timings cannot be read."""
+
+        def __init__(self, pipe):
+            self.pipe, self.broken = pipe, True
+
+        def generate(self, *args, **kwargs):
+            gen = self.pipe.generate(*args, **kwargs)
+            if self.broken:
+                self.broken = False
+                real = type(gen).result
+
+                class Gen(type(gen)):
+                    @property
+                    def result(self):
+                        res = real.fget(self)
+                        res.timings = object()  # timings_dict() fails outside _run's try
+                        return res
+
+                gen.__class__ = Gen
+            return gen
+
+        def __getattr__(self, name):
+            return getattr(self.pipe, name)
+
+    worker = make_worker(pipeline=BrokenOnce(Pipeline.from_model_dir(model_dir)))
+    bad = run(worker, request())
+    assert not bad.success and bad.message.startswith("internal error: AttributeError")
+    assert worker.alive
+    good = run(worker, request())
+    assert good.success and good.text == reference_text(model_dir)
+
+
+def test_a_published_caption_is_not_failed_by_a_racing_timeout(make_worker):
+    publishing, release = threading.Event(), threading.Event()
+
+    def slow_publish(job, outcome):
+        publishing.set()
+        release.wait(10)
+
+    worker = make_worker(on_caption=slow_publish)
+    job = Job(request())
+    assert worker.submit(job) is None
+    assert publishing.wait(30)  # the worker claimed the job and is publishing its caption
+    assert not job.finish(Outcome.fail("timed out after 1 s"))  # the handler's timeout loses
+    release.set()
+    assert job.wait(10) and job.outcome.success and worker.published == [job.outcome.text]
+
+
+def test_job_claim_is_exclusive():
+    job = Job(request())
+    assert job.claim() and not job.claim()
+    assert not job.finish(Outcome.fail("other"))
+    assert job.finish(Outcome(True, "ok"), claimed=True) and job.outcome.message == "ok"
+    late = Job(request())
+    assert late.finish(Outcome.fail("timed out")) and not late.claim()  # too late to claim
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,6 +296,26 @@ def test_auto_reliability_matches_the_publishers_like_rosbag2():
     policy, why = choose_reliability([R.RELIABLE, R.BEST_EFFORT])
     assert policy == R.BEST_EFFORT and "1 of 2" in why
     assert choose_reliability([int(R.BEST_EFFORT)])[0] == R.BEST_EFFORT  # raw ints from graph
+
+
+def test_mixed_reliabilities_are_warned_about():
+    from types import SimpleNamespace as NS
+
+    from rclpy.qos import DurabilityPolicy
+    from rclpy.qos import ReliabilityPolicy as R
+
+    from internvl_ros.ros.qos import mixed_reliability_warning
+
+    def pub(name, rel):
+        return NS(node_namespace="/", node_name=name,
+                  qos_profile=NS(reliability=rel, durability=DurabilityPolicy.VOLATILE))
+
+    assert mixed_reliability_warning([]) is None
+    assert mixed_reliability_warning([pub("a", R.RELIABLE), pub("b", R.RELIABLE)]) is None
+    assert mixed_reliability_warning([pub("a", R.BEST_EFFORT)]) is None
+    w = mixed_reliability_warning([pub("cam", R.RELIABLE), pub("bag", R.BEST_EFFORT)])
+    assert "/cam (reliable, volatile)" in w and "/bag (best_effort, volatile)" in w
+    assert "fastdds_large_data.xml" in w and "docs/NODE.md" in w
 
 
 def test_parameter_table_is_consistent():
@@ -209,5 +353,5 @@ def test_throttle_is_per_kind_and_counts_what_it_held_back():
     t = Throttle(period=0.2)
     assert t("size") == 0 and t("corrupt") == 0  # different kinds do not throttle each other
     assert t("size") is None and t("size") is None
-    time.sleep(0.25)
+    t._last["size"] -= 0.25  # the period has passed (no sleep)
     assert t("size") == 2

@@ -168,25 +168,25 @@ def _jpeg_size(buf: np.ndarray) -> tuple[int, int]:
     tail = bytes(buf[-64:]).rstrip(b"\x00")  # some encoders pad after EOI
     if not tail.endswith(b"\xff\xd9"):
         raise BadFrameError("corrupt", f"JPEG data ({len(buf)} bytes) is truncated: no EOI marker")
-    data = bytes(buf[: min(len(buf), 1 << 20)])  # headers sit at the front
+    data = buf[: min(len(buf), 1 << 20)]  # headers sit at the front (a view: no copy)
     i = 2
     while i + 4 <= len(data):
         if data[i] != 0xFF:
             break
-        marker = data[i + 1]
+        marker = int(data[i + 1])
         if marker == 0xFF:  # fill byte
             i += 1
             continue
         if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # standalone markers
             i += 2
             continue
-        (seg_len,) = struct.unpack(">H", data[i + 2 : i + 4])
+        (seg_len,) = struct.unpack(">H", bytes(data[i + 2 : i + 4]))
         if seg_len < 2:
             break
         if marker in _SOF_MARKERS:
             if i + 9 > len(data):
                 break
-            h, w = struct.unpack(">HH", data[i + 5 : i + 9])
+            h, w = struct.unpack(">HH", bytes(data[i + 5 : i + 9]))
             return w, h
         if marker == 0xDA:  # start of scan before any SOF
             break

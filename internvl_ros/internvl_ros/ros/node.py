@@ -5,16 +5,20 @@ Run: ``internvl_node --ros-args --params-file config/internvl.yaml`` (docs/NODE.
 Threads: a MultiThreadedExecutor runs image intake (and the QoS/graph check) in one mutually
 exclusive callback group, and the service/action handlers in a reentrant group. Handlers never
 run the model: they queue a ``Job`` for the single ``InferenceWorker`` thread that owns the
-pipeline, and wait for it, so frames keep arriving during a generation.
+pipeline, and wait for it, so frames keep arriving during a generation. The main thread spins
+and owns shutdown (see ``main``).
 """
 
 from __future__ import annotations
 
+import array
+import inspect
 import math
 import signal
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import rclpy
@@ -25,21 +29,66 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallb
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import ReliabilityPolicy
+from rclpy.serialization import deserialize_message
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header, String
 
 from internvl_ros.core.errors import ConfigError, InternVLError
-from internvl_ros.ros import image_conv, params, qos
+from internvl_ros.ros import cdr, image_conv, params, qos
 from internvl_ros.ros.diagnostics import Stats, Throttle, build_array, build_status
-from internvl_ros.ros.worker import InferenceWorker, Job, Outcome, Request, RequestError
+from internvl_ros.ros.worker import (
+    CONTINUOUS,
+    SHUTTING_DOWN,
+    InferenceWorker,
+    Job,
+    Outcome,
+    Request,
+    RequestError,
+)
 from internvl_ros_interfaces.action import Describe as DescribeAction
 from internvl_ros_interfaces.msg import Caption, Timings
 from internvl_ros_interfaces.srv import Describe as DescribeSrv
+
+try:
+    from rclpy.exceptions import InvalidHandle
+except ImportError:  # older rclpy: only the C extension names it
+    from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
+
+    InvalidHandle = _rclpy.InvalidHandle
 
 NODE_NAME = "internvl"
 WAIT_SLICE_S = 0.05  # how often a waiting handler looks at cancel requests and its deadline
 WARN_PERIOD_S = 5.0  # bad-frame warnings: at most one per kind per period
 FEEDBACK_PERIOD_S = 0.02  # action feedback: at most 50 messages a second
+CLAIM_WAIT_S = 5.0  # a handler whose job the worker claimed waits this long for the caption
+
+# Shutdown (SIGINT/SIGTERM): all within ros2 launch's 5 s between SIGINT and SIGTERM.
+SPIN_SLICE_S = 0.1  # the main thread's spin_once timeout: how fast it notices the stop
+ANSWER_WAIT_S = 1.5  # for the answers (service responses, action results) to go out
+EXECUTOR_SHUTDOWN_S = 0.5  # for callbacks still running to end (the answers are out by then)
+STOP_BUDGET_S = 4.5  # first signal to exit; the worker's join gets what is left of it
+MIN_WORKER_JOIN_S = 0.5
+
+# How long the action server keeps a finished goal (its request and result) for a late client.
+RESULT_KEEP_S = 30
+
+
+def _rclpy_default_result_timeout() -> float:
+    try:
+        p = inspect.signature(ActionServer.__init__).parameters["result_timeout"]
+        return float(p.default)
+    except (KeyError, TypeError, ValueError):
+        return 10.0
+
+
+# rclpy's own default tells the distribution apart: 900 s on Humble, 10 s from Jazzy on
+# (rclpy#1171), where rcl also counts result_timeout from the goal's *end* (rcl#1121). Humble's
+# rcl counts it from the goal's *acceptance*: a goal that outlives it is expired as it finishes,
+# which can lose its result or raise inside rclpy. There we keep 900 s and end an action goal
+# before it (``ACTION_MAX_S``); the request images are dropped after every goal either way.
+RESULT_TIMEOUT_FROM_ACCEPTANCE = _rclpy_default_result_timeout() >= 900
+ACTION_RESULT_TIMEOUT_S = 900 if RESULT_TIMEOUT_FROM_ACCEPTANCE else RESULT_KEEP_S
+ACTION_MAX_S = ACTION_RESULT_TIMEOUT_S - RESULT_KEEP_S if RESULT_TIMEOUT_FROM_ACCEPTANCE else None
 
 
 class ModelLoadError(Exception):
@@ -48,11 +97,116 @@ class ModelLoadError(Exception):
 
 @dataclass
 class Frame:
-    """The latest frame as it arrived (converted only when a request needs it)."""
+    """The latest frame as it arrived: serialized, deserialized and converted only when a
+    request needs it. ``error`` marks a frame that failed to decode (its data is dropped)."""
 
-    msg: object  # sensor_msgs Image or CompressedImage
+    raw: bytes | None  # the serialized message (CDR)
+    msg: object | None  # or the message itself (when the CDR fast path did not apply)
     info: image_conv.FrameInfo
     arrival: float  # time.monotonic() at receipt
+    error: str | None = None
+
+
+class NodeExecutor(MultiThreadedExecutor):
+    """A MultiThreadedExecutor that skips a subscription destroyed after it was found ready.
+
+    The node re-subscribes (auto QoS) while spinning. Humble's executor then races: a take
+    scheduled for the old subscription can run after it was destroyed, and raises InvalidHandle
+    before the callback group is released, so the exception ends spin() and the group stays
+    locked. rclpy#1150 fixed it from Jazzy on (catching it there); the Humble backport (#1610) is
+    open. Same signature on both: Humble returns the message, newer rclpy a coroutine; None means
+    "nothing to do" to both.
+    """
+
+    def _take_subscription(self, sub):
+        try:
+            return super()._take_subscription(sub)
+        except InvalidHandle:
+            return None
+
+    def collect_late_errors(self) -> list:
+        """After shutdown: fetch the errors of callbacks that ended after the last spin_once.
+
+        Kilted's shutdown destroys its guard condition without waiting for running callbacks
+        (it ignores timeout_sec), and a callback that triggers the guard afterwards fails with
+        InvalidHandle. Harmless, but rclpy prints every error nobody fetched when it is garbage
+        collected ("The following exception was never retrieved"); fetch them instead.
+        """
+        errors = []
+        for f in list(getattr(self, "_futures", ())):
+            if f.done() and f.exception() is not None:
+                errors.append(f.exception())
+        return errors
+
+
+class Answers:
+    """Counts answers not yet sent, so shutdown can wait until they are out.
+
+    A service request counts until its response was sent; an action goal while its execute
+    callback runs, and its result from the client's result request until rclpy sent it.
+    """
+
+    def __init__(self):
+        self._n = 0
+        self._cond = threading.Condition()
+
+    def add(self) -> None:
+        with self._cond:
+            self._n += 1
+
+    def done(self) -> None:
+        with self._cond:
+            self._n = max(0, self._n - 1)
+            self._cond.notify_all()
+
+    @contextmanager
+    def pending(self):
+        self.add()
+        try:
+            yield
+        finally:
+            self.done()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self._n == 0, timeout)
+
+    @property
+    def count(self) -> int:
+        with self._cond:
+            return self._n
+
+
+class DescribeActionServer(ActionServer):
+    """ActionServer that reports result responses it still has to send to ``answers``.
+
+    rclpy sends a result from a task the executor runs *after* the goal's execute callback
+    returned; shutdown must keep spinning until then. The two hooks are private methods with
+    the same signature on Humble and newer rclpy; if a future rclpy renames them, nothing is
+    counted and shutdown just does not wait for results.
+    """
+
+    def __init__(self, *args, answers: Answers, **kwargs):
+        self._answers = answers
+        super().__init__(*args, **kwargs)
+
+    async def _execute_get_result_request(self, request_header_and_message):
+        goal_uuid = bytes(request_header_and_message[1].goal_id.uuid)
+        counted = goal_uuid in getattr(self, "_goal_handles", {})  # else answered at once
+        if counted:
+            self._answers.add()
+        try:
+            await super()._execute_get_result_request(request_header_and_message)
+        except BaseException:
+            if counted:
+                self._answers.done()
+            raise
+
+    def _send_result_response(self, request_header, future):
+        try:
+            super()._send_result_response(request_header, future)
+        finally:
+            self._answers.done()
 
 
 def load_pipeline(model_dir: str, backend: str, provider: str, num_threads: int, max_tiles: int):
@@ -99,9 +253,12 @@ class InternVLNode(Node):
         self._latest: Frame | None = None
         self._last_continuous_frame: Frame | None = None
         self._last_continuous_t = 0.0
-        self._closed = False
-        self._active_handlers = 0
-        self._handlers_lock = threading.Lock()
+        self._answers = Answers()
+        self._close_lock = threading.Lock()
+        self._closed = False  # no new requests; every pending one answered
+        self._closing = False  # close() under way (the worker's join, the sessions' release)
+        self._close_done = threading.Event()
+        self._released = False
 
         # --- the model (fatal on failure: main() logs it and exits non-zero)
         self._backend = self._p("backend")
@@ -146,14 +303,17 @@ class InternVLNode(Node):
         self._starve_pubs: tuple = ()
         self._pubs_seen_since = 0.0
         self._no_frame_warned = False
+        self._mixed_warning: str | None = None
         self._last_msg_t: float | None = None
+        self._parse = cdr.parse_compressed if self._transport == "compressed" else cdr.parse_image
         self._check_publishers()  # subscribes
         self.create_timer(1.0, self._check_publishers, callback_group=self._image_group)
 
         # --- requests
-        self.create_service(DescribeSrv, "~/describe", self._on_describe_srv,
-                            callback_group=self._request_group)
-        self._action = ActionServer(
+        self._service = self.create_service(DescribeSrv, "~/describe", self._on_describe_srv,
+                                            callback_group=self._request_group)
+        self._service.send_response = self._counted_send(self._service.send_response)
+        self._action = DescribeActionServer(
             self,
             DescribeAction,
             "~/describe",
@@ -161,6 +321,8 @@ class InternVLNode(Node):
             goal_callback=lambda goal: GoalResponse.ACCEPT,
             cancel_callback=lambda goal_handle: CancelResponse.ACCEPT,
             callback_group=self._request_group,
+            result_timeout=ACTION_RESULT_TIMEOUT_S,
+            answers=self._answers,
         )
         self.create_timer(1.0, self._publish_diagnostics, callback_group=self._timer_group)
         self.create_timer(0.1, self._continuous_tick, callback_group=self._timer_group)
@@ -206,9 +368,11 @@ class InternVLNode(Node):
         if self._sub is not None:
             self.destroy_subscription(self._sub)
         profile = qos.image_qos(reliability, int(self._p("qos_depth")))
+        # raw: the callback gets the serialized bytes; a frame is deserialized only if a request
+        # describes it (a 1080p rgb8 frame is 6 MB, and at 30 Hz only the latest is used)
         self._sub = self.create_subscription(
             self._msg_type, self._topic, self._on_image, profile,
-            callback_group=self._image_group,
+            callback_group=self._image_group, raw=True,
         )
         self._sub_reliability = reliability
         self.get_logger().info(
@@ -233,6 +397,9 @@ class InternVLNode(Node):
                 want, why = qos.choose_reliability(key)
                 if want != self._sub_reliability:
                     self._subscribe(want, f"auto: {why}")
+                self._mixed_warning = qos.mixed_reliability_warning(infos)
+                if self._mixed_warning:
+                    self.get_logger().warning(f"{self._topic}: {self._mixed_warning}")
         self._warn_if_starved(infos)
 
     def _warn_if_starved(self, infos) -> None:
@@ -263,17 +430,32 @@ class InternVLNode(Node):
                 f"config/fastdds_large_data.xml, or use reliable QoS: see {qos.DOC_HINT}."
             )
 
-    def _on_image(self, msg) -> None:
-        """Validate cheaply and keep the frame; convert only when a request needs it."""
+    def _on_image(self, raw: bytes) -> None:
+        """Validate cheaply and keep the serialized frame; decode only when a request needs it."""
         self.stats.bump("frames_received")
-        self._last_msg_t = time.monotonic()
+        now = time.monotonic()
+        self._last_msg_t = now
+        msg = None
         try:
-            info = image_conv.check_frame(msg, int(self._p("max_image_dim")))
+            view = self._parse(raw)  # header fields in O(1); data is a view, not a copy
+        except cdr.CdrError as e:  # an RMW that serializes differently: deserialize (slower)
+            if self._warn("cdr") is not None:
+                self.get_logger().info(f"frames on {self._topic} are not plain CDR ({e}); "
+                                       f"deserializing each one instead")
+            try:
+                view = msg = deserialize_message(raw, self._msg_type)
+            except Exception as e2:
+                self._drop_frame(image_conv.BadFrameError(
+                    "corrupt", f"cannot deserialize the message: {e2}"), self._topic)
+                return
+        try:
+            info = image_conv.check_frame(view, int(self._p("max_image_dim")))
         except image_conv.BadFrameError as e:
             self._drop_frame(e, self._topic)
             return
+        frame = Frame(None if msg is not None else raw, msg, info, now)
         with self._frame_lock:
-            self._latest = Frame(msg, info, time.monotonic())
+            self._latest = frame
 
     def _drop_frame(self, e: image_conv.BadFrameError, where: str) -> None:
         self.stats.drop(e.kind, f"bad frame on {where}: {e}")
@@ -318,27 +500,14 @@ class InternVLNode(Node):
             on_delta=on_delta,
         )
 
-    def _serve(self, req, source: str, on_delta=None, cancel_requested=None) -> Outcome:
-        """Queue one request and wait for its single outcome (busy, timeout, result...)."""
-        with self._handlers_lock:
-            self._active_handlers += 1
-        try:
-            return self._serve_inner(req, source, on_delta, cancel_requested)
-        finally:
-            with self._handlers_lock:
-                self._active_handlers -= 1
+    def _serve(self, req, source: str, on_delta=None, cancel_requested=None,
+               max_s: float | None = None) -> Outcome:
+        """Queue one request and wait for its single outcome (busy, timeout, result...).
 
-    def wait_handlers_done(self, timeout: float) -> bool:
-        """Wait until no request handler is running (their answers are being sent)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._handlers_lock:
-                if self._active_handlers == 0:
-                    return True
-            time.sleep(0.02)
-        return False
-
-    def _serve_inner(self, req, source, on_delta, cancel_requested) -> Outcome:
+        ``max_s`` bounds the request below ``request_timeout`` (action goals on Humble).
+        """
+        if self._closed:
+            return self._count(Outcome.fail(SHUTTING_DOWN))
         try:
             request = self._build_request(req, source, on_delta)
         except RequestError as e:
@@ -346,17 +515,21 @@ class InternVLNode(Node):
         job = Job(request)
         refused = self.worker.submit(job)
         if refused is not None:
-            return self._count(Outcome.fail(refused, refused=True))
+            return self._count(refused)
         timeout = float(self._p("request_timeout"))
+        why = "raise request_timeout"
+        if max_s is not None and (timeout <= 0 or timeout > max_s):
+            timeout, why = max_s, "the most an action goal may take on this ROS distribution"
         deadline = request.arrival + timeout if timeout > 0 else math.inf
         while not job.wait(WAIT_SLICE_S):
             if time.monotonic() > deadline or self._closed:
                 job.cancel.set()  # the worker stops at the next token, or skips the job
                 where = "generating" if job.started else "waiting in the queue"
                 self.worker.withdraw(job)
+                # loses if the worker finished the job meanwhile, or is publishing its caption
                 job.finish(Outcome.fail(
-                    "the node is shutting down" if self._closed else
-                    f"timed out after {timeout:g} s ({where}); raise request_timeout"))
+                    SHUTTING_DOWN if self._closed else
+                    f"timed out after {timeout:g} s ({where}); {why}"))
                 break
             if cancel_requested is not None and cancel_requested():
                 job.cancel.set()  # generating: the worker ends it with the partial text
@@ -364,7 +537,14 @@ class InternVLNode(Node):
                     job.finish(Outcome.fail("cancelled before generation started",
                                             finish_reason="cancelled"))
                     break
+        if not job.wait(CLAIM_WAIT_S):  # the worker claimed it: its caption is on the way
+            job.finish(Outcome.fail("internal error: the caption was not delivered"),
+                       claimed=True)
         return self._count(job.outcome)
+
+    def wait_answers_sent(self, timeout: float) -> bool:
+        """Wait until every request handler has returned and every action result went out."""
+        return self._answers.wait_idle(timeout)
 
     def _count(self, outcome: Outcome) -> Outcome:
         if outcome.refused:
@@ -389,17 +569,45 @@ class InternVLNode(Node):
         dst.timings = timings_msg(outcome.timings)
         return dst
 
+    def _counted_send(self, send):
+        """The service's send_response, reporting each response sent to ``_answers``.
+
+        The executor sends a service response after the callback returned; counting until then
+        lets shutdown wait for the send itself rather than rely on Executor.shutdown (which
+        does not wait for running callbacks on every distribution).
+        """
+
+        def send_response(response, header):
+            try:
+                return send(response, header)
+            finally:
+                self._answers.done()
+
+        return send_response
+
     def _on_describe_srv(self, req, resp):
-        outcome = self._serve(req, "service")
-        if not outcome.success:
-            held = self._warn("busy") if outcome.refused else 0  # a burst logs once
-            if held is not None:
-                more = f" ({held} more refused since the last warning)" if held else ""
-                self.get_logger().warning(f"describe failed: {outcome.message}{more}")
-        return self._fill(resp, outcome)
+        self._answers.add()  # done when the response has been sent (see _counted_send)
+        try:
+            outcome = self._serve(req, "service")
+            if not outcome.success:
+                held = self._warn("busy") if outcome.refused else 0  # a burst logs once
+                if held is not None:
+                    more = f" ({held} more refused since the last warning)" if held else ""
+                    self.get_logger().warning(f"describe failed: {outcome.message}{more}")
+            return self._fill(resp, outcome)
+        except BaseException:
+            self._answers.done()  # no response will be sent
+            raise
 
     def _on_describe_action(self, goal_handle):
-        sent = {"t": -math.inf, "text": ""}
+        with self._answers.pending():
+            try:
+                return self._describe_action(goal_handle)
+            finally:
+                drop_request_images(goal_handle.request)
+
+    def _describe_action(self, goal_handle):
+        sent = {"t": -math.inf, "text": "", "n": 0}
 
         def feedback(text: str, delta: str, n: int) -> None:
             """At most one feedback per FEEDBACK_PERIOD_S; delta is new since the last one."""
@@ -409,7 +617,7 @@ class InternVLNode(Node):
             fb = DescribeAction.Feedback(
                 text=text, delta=text[len(sent["text"]):], generated_tokens=n
             )
-            sent["t"], sent["text"] = now, text
+            sent.update(t=now, text=text, n=n)
             goal_handle.publish_feedback(fb)
 
         outcome = self._serve(
@@ -417,11 +625,15 @@ class InternVLNode(Node):
             "action",
             on_delta=feedback,
             cancel_requested=lambda: goal_handle.is_cancel_requested,
+            max_s=ACTION_MAX_S,
         )
-        if outcome.success and outcome.text != sent["text"]:  # the throttle held the end back
+        n_final = int(outcome.timings.get("generated_tokens", 0))
+        if outcome.success and (outcome.text, n_final) != (sent["text"], sent["n"]):
+            # the throttle held the end back (text, or only the token count): the last
+            # feedback always matches the result
             goal_handle.publish_feedback(DescribeAction.Feedback(
                 text=outcome.text, delta=outcome.text[len(sent["text"]):],
-                generated_tokens=int(outcome.timings.get("generated_tokens", 0)),
+                generated_tokens=n_final,
             ))
         result = self._fill(DescribeAction.Result(), outcome)
         if outcome.finish_reason == "cancelled" and goal_handle.is_cancel_requested:
@@ -440,6 +652,7 @@ class InternVLNode(Node):
         req = job.request
         t0 = time.monotonic()
         max_dim = int(self._p("max_image_dim"))
+        frame = None
         if req.image is not None:
             msg, where = req.image, "the request"
         else:
@@ -447,6 +660,12 @@ class InternVLNode(Node):
                 frame = self._latest
             if frame is None:
                 raise RequestError(f"no frame received yet on {self._topic}")
+            if frame.error is not None:
+                raise RequestError(
+                    f"the latest frame on {self._topic} could not be decoded and was dropped "
+                    f"({frame.error}); the next valid frame will be used: is the camera sending "
+                    f"valid images?"
+                )
             age = time.monotonic() - frame.arrival
             if age > req.max_frame_age:
                 raise RequestError(
@@ -456,15 +675,24 @@ class InternVLNode(Node):
                 )
             msg, where = frame.msg, self._topic
         try:
+            if msg is None:  # kept serialized: deserialize it now, once
+                try:
+                    msg = deserialize_message(frame.raw, self._msg_type)
+                except Exception as e:
+                    raise image_conv.BadFrameError("corrupt", f"cannot deserialize: {e}") from e
             rgb = image_conv.frame_to_rgb(msg, max_dim)
         except image_conv.BadFrameError as e:
-            if req.image is None:
+            if frame is not None:
                 self._drop_frame(e, where)
-                with self._frame_lock:  # never try this frame again
-                    if self._latest is not None and self._latest.msg is msg:
-                        self._latest = None
+                self._mark_corrupt(frame, f"{e.kind}: {e}")
             raise RequestError(f"could not decode the image from {where} [{e.kind}]: {e}") from e
         return rgb, copy_header(msg.header), time.monotonic() - t0
+
+    def _mark_corrupt(self, frame: Frame, error: str) -> None:
+        """Never try this frame again, and say so to the next request (until a new frame)."""
+        with self._frame_lock:
+            if self._latest is frame:
+                self._latest = Frame(None, None, frame.info, frame.arrival, error=error)
 
     def _make_config(self, job: Job):
         from internvl_ros.core import GenerationConfig
@@ -511,7 +739,7 @@ class InternVLNode(Node):
             return
         with self._frame_lock:
             frame = self._latest
-        if frame is None or frame is self._last_continuous_frame:
+        if frame is None or frame.error is not None or frame is self._last_continuous_frame:
             return
         max_age = float(self._p("max_frame_age")) or math.inf
         if now - frame.arrival > max_age:
@@ -522,9 +750,9 @@ class InternVLNode(Node):
             system_prompt=self._p("system_prompt") or None,
             max_new_tokens=int(self._p("max_new_tokens")),
             max_frame_age=math.inf,
-            source="continuous",
+            source=CONTINUOUS,
         )
-        self.worker.submit(Job(request))  # refused only if a request raced in: skip this tick
+        self.worker.submit(Job(request), only_if_idle=True)  # a request raced in: skip the tick
 
     def _publish_diagnostics(self) -> None:
         state, waiting = self.worker.state()
@@ -539,12 +767,16 @@ class InternVLNode(Node):
             "image_reliability": qos.reliability_name(self._sub_reliability),
             "queue_waiting": waiting,
             "latest_frame": (f"{frame.info.width}x{frame.info.height} {frame.info.encoding}"
+                             + (" (corrupt, dropped)" if frame.error else "")
                              if frame else "none"),
             "latest_frame_age_s": (time.monotonic() - frame.arrival) if frame else -1.0,
             "warnings": [],
         }
         if self._no_frame_warned:
             info["warnings"].append(f"publishers on {self._topic} but no frames ({qos.DOC_HINT})")
+        if self._mixed_warning:
+            info["warnings"].append(f"reliable and best-effort publishers on {self._topic} "
+                                    f"({qos.DOC_HINT})")
         status = build_status(
             f"{self.get_name()}: {self.get_fully_qualified_name()}", self._backend, info,
             self.stats.snapshot(),
@@ -556,15 +788,49 @@ class InternVLNode(Node):
 
     # ------------------------------------------------------------------------------------------
 
-    def close(self) -> None:
-        """Answer everything pending, stop the worker, release the model sessions."""
-        if self._closed or not hasattr(self, "worker"):
-            return
-        self._closed = True
-        self.worker.stop()
-        close = getattr(self.pipeline, "close", None)
-        if callable(close):
-            close()
+    def stop_serving(self) -> None:
+        """Refuse new requests and answer every pending one ("the node is shutting down"): the
+        running generation stops at its next token. Returns at once; idempotent."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        worker = getattr(self, "worker", None)
+        if worker is not None:
+            worker.stop()
+
+    def close(self, timeout: float = STOP_BUDGET_S) -> bool:
+        """``stop_serving``, wait for the worker thread (up to ``timeout``), release the model.
+
+        The sessions are released only once the worker has exited: a ViT pass or a prefill
+        cannot be interrupted, and closing sessions under a running model fails it (or worse,
+        with native NPU sessions); if it is still running they are left to the process exit.
+        Thread-safe: a second call waits (up to ``timeout``) for the first. True if released.
+        """
+        if not hasattr(self, "_close_lock"):  # __init__ failed before any state existed
+            return False
+        self.stop_serving()
+        with self._close_lock:
+            first, self._closing = not self._closing, True
+        if not first:
+            self._close_done.wait(timeout)
+            return self._released
+        try:
+            worker = getattr(self, "worker", None)
+            if worker is not None and not worker.join(timeout):
+                self.get_logger().warning(
+                    f"the model is still running {timeout:.1f} s after the stop (a ViT pass or "
+                    f"prefill cannot be interrupted): its sessions are not released under it; "
+                    f"the process exit frees them"
+                )
+                return False
+            close = getattr(getattr(self, "pipeline", None), "close", None)
+            if callable(close):
+                close()
+            self._released = True
+            return True
+        finally:
+            self._close_done.set()
 
     def destroy_node(self):
         # also called by rclpy's context cleanup on a node whose __init__ failed half way
@@ -572,6 +838,14 @@ class InternVLNode(Node):
         if action is not None:
             action.destroy()  # not a plain entity of the node: destroy it explicitly
         return super().destroy_node()
+
+
+def drop_request_images(goal) -> None:
+    """Free the image data of a finished goal: rclpy keeps the goal request until the action
+    server's result_timeout (15 min on Humble), and a 1080p rgb8 image is 6 MB."""
+    for img in (getattr(goal, "image", None), getattr(goal, "compressed_image", None)):
+        if img is not None and len(img.data) > 0:
+            img.data = array.array("B")
 
 
 def copy_header(h) -> Header:
@@ -588,12 +862,13 @@ def timings_msg(t: dict) -> Timings:
     return msg
 
 
-def _graceful_stop(node: InternVLNode) -> None:
-    """On SIGINT/SIGTERM: answer every request, let the answers go out, then stop spinning."""
-    node.close()  # waiting requests get "the node is shutting down"; generation is cancelled
-    node.wait_handlers_done(timeout=2.0)
-    time.sleep(0.2)  # the executor sends the last responses / action results
-    rclpy.try_shutdown()
+def _graceful_stop(node: InternVLNode, stopped: threading.Event) -> None:
+    """On SIGINT/SIGTERM (own thread): answer every request, wait until the answers are out
+    (the main thread keeps spinning to send them), then let the main thread stop spinning."""
+    node.stop_serving()  # waiting requests get "the node is shutting down"; generation cancelled
+    if not node.wait_answers_sent(ANSWER_WAIT_S):
+        node.get_logger().warning(f"some answers were not sent within {ANSWER_WAIT_S:g} s")
+    stopped.set()
 
 
 def _init_rclpy(args) -> None:
@@ -607,18 +882,31 @@ def _init_rclpy(args) -> None:
 
 
 def main(args=None) -> int:
-    """Console script ``internvl_node``. Exit 0 on Ctrl-C/SIGTERM, 1 on a fatal start-up error."""
+    """Console script ``internvl_node``. Exit 0 on Ctrl-C/SIGTERM, 1 on a fatal start-up error.
+
+    The main thread spins and owns the shutdown: a signal starts ``_graceful_stop`` on its own
+    thread, which answers every request and, once the answers are out, sets ``stopped``; the
+    main thread then leaves the loop, shuts the executor down (it waits for callbacks still
+    sending), destroys the node and releases the model once the worker has exited. A second
+    signal skips the wait for the answers. All of it stays within STOP_BUDGET_S.
+    """
     _init_rclpy(args)
     node = None
     executor = None
     code = 0
-    stopping = threading.Event()
+    stopping = threading.Event()  # a signal arrived
+    stopped = threading.Event()  # the answers are out (or a second signal): stop spinning
+    t_signal = [math.inf]
 
     def on_signal(signum, frame):
-        if node is None or stopping.is_set():
-            raise KeyboardInterrupt  # still loading, or a second signal: stop now
+        if node is None:
+            raise KeyboardInterrupt  # still loading: stop now
+        if stopping.is_set():
+            stopped.set()  # a second signal: do not wait for the answers any longer
+            return
+        t_signal[0] = time.monotonic()
         stopping.set()
-        threading.Thread(target=_graceful_stop, args=(node,), name="internvl-stop",
+        threading.Thread(target=_graceful_stop, args=(node, stopped), name="internvl-stop",
                          daemon=True).start()
 
     signal.signal(signal.SIGINT, on_signal)
@@ -627,9 +915,16 @@ def main(args=None) -> int:
         node = InternVLNode()
         # each waiting request holds a thread: room for a full queue, the running request, the
         # image callback, the timers, and one more to refuse new requests as busy
-        executor = MultiThreadedExecutor(num_threads=params.MAX_QUEUE_LIMIT + 6)
+        executor = NodeExecutor(num_threads=params.MAX_QUEUE_LIMIT + 6)
         executor.add_node(node)
-        executor.spin()
+        while not stopped.is_set() and rclpy.ok():
+            try:
+                executor.spin_once(timeout_sec=SPIN_SLICE_S)
+            except Exception as e:
+                if not stopping.is_set():
+                    raise
+                # entities going away while we stop: not a failure, keep sending the answers
+                node.get_logger().debug(f"while stopping: {type(e).__name__}: {e}")
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except (ModelLoadError, ConfigError) as e:
@@ -648,13 +943,18 @@ def main(args=None) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):  # cleanup is bounded: don't interrupt it
             signal.signal(sig, signal.SIG_IGN)
         if node is not None:
-            node.close()  # answers waiting requests, so the handlers return
+            node.stop_serving()  # (a fatal error: answer what is pending)
         if executor is not None:
-            executor.shutdown(timeout_sec=2.0)
+            executor.shutdown(timeout_sec=EXECUTOR_SHUTDOWN_S)
+            executor.collect_late_errors()
         if node is not None:
+            left = t_signal[0] + STOP_BUDGET_S - time.monotonic()
+            released = node.close(timeout=max(MIN_WORKER_JOIN_S, min(left, STOP_BUDGET_S)))
             node.destroy_node()
             # after destroy_node: this logger no longer publishes to the (closed) /rosout
-            rclpy.logging.get_logger(NODE_NAME).info("stopped; released the model sessions")
+            rclpy.logging.get_logger(NODE_NAME).info(
+                "stopped; released the model sessions" if released else
+                "stopped; the model sessions are freed by the process exit")
         rclpy.try_shutdown()
     return code
 

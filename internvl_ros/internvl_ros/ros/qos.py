@@ -59,3 +59,24 @@ def describe_publishers(infos) -> str:
         durability = getattr(q.durability, "name", str(q.durability)).lower()
         parts.append(f"{name} ({reliability_name(q.reliability)}, {durability})")
     return ", ".join(parts) or "none"
+
+
+def mixed_reliability_warning(infos) -> str | None:
+    """A warning when the topic has both reliable and best-effort publishers, else None.
+
+    auto then subscribes best effort (a reliable subscription would not match the best-effort
+    publishers), so the reliable publishers' frames arrive best effort too: on Fast DDS
+    defaults, large ones are lost, although every publisher matches and no starvation warning
+    would fire while the small ones get through.
+    """
+    rels = {int(i.qos_profile.reliability) for i in infos}
+    if not {int(ReliabilityPolicy.RELIABLE), int(ReliabilityPolicy.BEST_EFFORT)} <= rels:
+        return None
+    reliable = [i for i in infos if int(i.qos_profile.reliability) == ReliabilityPolicy.RELIABLE]
+    return (
+        f"reliable and best-effort publishers: {describe_publishers(infos)}. The subscription "
+        f"is best effort (the only one that matches both), so the frames of the reliable "
+        f"one(s) ({describe_publishers(reliable)}) arrive best effort too, and large ones are "
+        f"lost on Fast DDS defaults. Publish from one kind, or use "
+        f"config/fastdds_large_data.xml on both sides: see {DOC_HINT}."
+    )

@@ -2,6 +2,8 @@
 
 No rclpy here. The node's handlers build a ``Job``, ``submit`` it (refused at once when the queue
 is full) and wait on it; the worker (or the handler, on timeout or cancel) finishes it exactly once.
+Continuous-mode jobs never hold a slot a request wants: a request cancels a running continuous
+caption and replaces a queued one.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from internvl_ros.core.errors import InternVLError
+
+CONTINUOUS = "continuous"  # Request.source of continuous-mode jobs
+SHUTTING_DOWN = "the node is shutting down"
 
 
 class RequestError(Exception):
@@ -52,20 +57,33 @@ class Request:
 
 
 class Job:
-    """A submitted request; ``finish`` is first-wins, so every job gets exactly one outcome."""
+    """A submitted request. ``finish`` is first-wins, so every job gets exactly one outcome.
+
+    The worker ``claim``s a job before publishing its caption: from then on only the worker's
+    ``finish(..., claimed=True)`` counts, so a timeout cannot fail a job whose caption went out.
+    """
 
     def __init__(self, request: Request):
         self.request = request
         self.cancel = threading.Event()
         self.started = False
         self.outcome: Outcome | None = None
+        self._claimed = False
         self._done = threading.Event()
         self._lock = threading.Lock()
 
-    def finish(self, outcome: Outcome) -> bool:
-        """Set the outcome unless one is set already; True when this call set it."""
+    def claim(self) -> bool:
+        """Reserve the outcome for the caller (the worker); False if it is set or reserved."""
         with self._lock:
-            if self.outcome is not None:
+            if self.outcome is not None or self._claimed:
+                return False
+            self._claimed = True
+            return True
+
+    def finish(self, outcome: Outcome, claimed: bool = False) -> bool:
+        """Set the outcome unless one is set (or claimed by someone else); True when set."""
+        with self._lock:
+            if self.outcome is not None or (self._claimed and not claimed):
                 return False
             self.outcome = outcome
         self._done.set()
@@ -102,23 +120,45 @@ class InferenceWorker:
         self._thread = threading.Thread(target=self._loop, name="internvl-worker", daemon=True)
         self._thread.start()
 
-    # --- called from handlers
+    # --- called from handlers and timers
 
-    def submit(self, job: Job) -> str | None:
-        """Queue ``job``; return None, or why it was refused (busy, shutting down)."""
+    def submit(self, job: Job, only_if_idle: bool = False) -> Outcome | None:
+        """Queue ``job``; None, or the outcome that refuses it (busy, or shutting down).
+
+        A request (any source but continuous) first pre-empts continuous mode: a running
+        continuous caption is cancelled (it stops before its next token) and does not count
+        toward the bound; a queued one is dropped. ``only_if_idle`` refuses unless nothing runs
+        or waits (continuous mode uses it, so it never takes a slot from a request).
+        """
         with self._cond:
             if self._stopping:
-                return "the node is shutting down"
+                return Outcome.fail(SHUTTING_DOWN)
+            if only_if_idle and (self._current is not None or self._queue):
+                return Outcome.fail("busy: not idle", refused=True)
+            if job.request.source != CONTINUOUS:
+                self._preempt_continuous()
             max_queue = int(self._max_queue())
-            running = self._current is not None
+            cur = self._current
+            running = cur is not None and cur.request.source != CONTINUOUS  # that one stops
             if len(self._queue) + running >= 1 + max_queue:
-                return (
+                return Outcome.fail(
                     f"busy: {int(running)} generation running and {len(self._queue)} request(s) "
-                    f"waiting (max_queue {max_queue}); try again later"
+                    f"waiting (max_queue {max_queue}); try again later",
+                    refused=True,
                 )
             self._queue.append(job)
             self._cond.notify()
             return None
+
+    def _preempt_continuous(self) -> None:
+        """Cancel continuous-mode work so a request gets the pipeline (called under the lock)."""
+        for queued in [j for j in self._queue if j.request.source == CONTINUOUS]:
+            self._queue.remove(queued)
+            queued.finish(Outcome.fail("pre-empted by a request", finish_reason="cancelled"))
+        cur = self._current
+        if cur is not None and cur.request.source == CONTINUOUS and not cur.cancel.is_set():
+            cur.cancel.set()  # stops before its next token; a cancelled caption is not published
+            self._log.debug("a request pre-empted the running continuous caption")
 
     def withdraw(self, job: Job) -> bool:
         """Take a job out of the queue if it has not started; True when it was withdrawn."""
@@ -140,8 +180,12 @@ class InferenceWorker:
                 return "stopped", len(self._queue)
             return ("generating" if self._current else "idle"), len(self._queue)
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Fail everything queued, cancel the running generation, join the thread."""
+    def stop(self) -> None:
+        """Fail everything queued and cancel the running generation; does not wait (see join).
+
+        Every job gets its outcome now ("the node is shutting down"), except one whose caption
+        the worker is publishing at this moment (it keeps its caption).
+        """
         with self._cond:
             self._stopping = True
             pending = list(self._queue)
@@ -151,8 +195,16 @@ class InferenceWorker:
                 self._current.cancel.set()  # stops before the next token
             self._cond.notify_all()
         for job in pending:
-            job.finish(Outcome.fail("the node is shutting down"))
+            job.finish(Outcome.fail(SHUTTING_DOWN))
+
+    def join(self, timeout: float | None) -> bool:
+        """Wait for the worker thread to exit (after stop); True when it has."""
         self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     # --- the worker thread
 
@@ -167,21 +219,31 @@ class InferenceWorker:
                 self._current = job
                 job.started = True
             try:
-                if job.cancel.is_set() or job.done:
-                    job.finish(Outcome.fail("cancelled before generation started",
-                                            finish_reason="cancelled"))
-                    continue
-                outcome = self._run(job)
-                is_caption = outcome.success and outcome.finish_reason != "cancelled"
-                if is_caption and not job.done:  # not timed out meanwhile
-                    try:
-                        self._on_caption(job, outcome)
-                    except Exception as e:  # publishing must not kill the worker
-                        self._log.error(f"publishing a caption failed: {e}")
-                job.finish(outcome)
+                self._serve(job)
+            except BaseException as e:  # a bug must not kill the worker: every job is answered
+                self._log.error(f"internal error serving a request: {e!r}\n"
+                                f"{traceback.format_exc()}")
+                job.finish(Outcome.fail(f"internal error: {type(e).__name__}: {e}"),
+                           claimed=True)
             finally:
                 with self._cond:
                     self._current = None
+
+    def _serve(self, job: Job) -> None:
+        if job.cancel.is_set() or job.done:
+            job.finish(Outcome.fail("cancelled before generation started",
+                                    finish_reason="cancelled"))
+            return
+        outcome = self._run(job)
+        is_caption = outcome.success and outcome.finish_reason != "cancelled"
+        if is_caption and job.claim():  # not timed out meanwhile, and now it cannot be
+            try:
+                self._on_caption(job, outcome)
+            except Exception as e:  # publishing must not fail the request
+                self._log.error(f"publishing a caption failed: {e}")
+            job.finish(outcome, claimed=True)
+        else:
+            job.finish(outcome)
 
     def _run(self, job: Job) -> Outcome:
         req = job.request
@@ -243,8 +305,6 @@ class InferenceWorker:
                 reset()
             except Exception as e:
                 self._log.error(f"resetting the pipeline failed: {e!r}")
-
-
 # Timings.msg field -> the core's Timings field
 _TIMING_FIELDS = {
     "preprocess": "preprocess_s",

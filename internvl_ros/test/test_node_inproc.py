@@ -1,0 +1,305 @@
+"""internvl_node's handlers in-process, without spinning: a real InternVLNode (its own rclpy
+context, nothing on the wire) with a scripted pipeline, so each behaviour is deterministic.
+
+Action goals drop their images and end with feedback that matches the result; a corrupt latest
+frame is reported as such; a refusal while stopping is not "busy"; close() releases the model only
+once the worker has left it, and a second close() waits for the first; the executor survives a
+subscription destroyed under it the way Humble's executor fails.
+"""
+
+from __future__ import annotations
+
+import array
+import threading
+import time
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import pytest
+import rclpy
+from rclpy.parameter import Parameter
+from rclpy.serialization import serialize_message
+from sensor_msgs.msg import CompressedImage, Image
+
+from internvl_ros.ros import node as node_mod
+from internvl_ros_interfaces.action import Describe as DescribeAction
+from internvl_ros_interfaces.srv import Describe
+
+# ---------------------------------------------------------------------------------------------
+# a scripted pipeline
+
+
+@dataclass
+class Step:
+    text_delta: str
+
+
+@dataclass
+class Result:
+    text: str
+    token_ids: list
+    prompt_token_ids: list = field(default_factory=lambda: [1, 2, 3])
+    finish_reason: str = "length"
+    timings: dict = field(default_factory=lambda: {"vit_s": 0.001, "decode_s": 0.001})
+
+
+class ScriptedGeneration:
+    def __init__(self, deltas):
+        self.deltas, self._i, self._cancel = list(deltas), 0, False
+        self.finished = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._cancel or self._i == len(self.deltas):
+            self.finished = True
+            raise StopIteration
+        self._i += 1
+        return Step(self.deltas[self._i - 1])
+
+    def cancel(self):
+        self._cancel = True
+
+    def close(self):
+        self.finished = True
+
+    @property
+    def result(self):
+        reason = "cancelled" if self._cancel else "length"
+        return Result("".join(self.deltas[: self._i]), list(range(self._i)), finish_reason=reason)
+
+
+class ScriptedPipeline:
+    """generate() yields `deltas`; with `block` set it first waits on it (a long ViT pass)."""
+
+    def __init__(self, deltas=("a", " b")):
+        self.deltas = deltas
+        self.block: threading.Event | None = None
+        self.inside = threading.Event()
+        self.closed = False
+        self.images = []
+
+    def generate(self, prompt, images=(), system_prompt=None, config=None):
+        self.images.append(images[0])
+        self.inside.set()
+        if self.block is not None:
+            self.block.wait(30)
+        return ScriptedGeneration(self.deltas)
+
+    def close(self):
+        self.closed = True
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures
+
+
+@pytest.fixture(scope="module")
+def ctx(ros_domain):
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=ros_domain)
+    yield context
+    rclpy.try_shutdown(context=context)
+
+
+@pytest.fixture
+def make_node(ctx):
+    made = []
+
+    def make(pipeline=None, **params):
+        pipe = pipeline or ScriptedPipeline()
+        overrides = [Parameter("model_dir", value="/scripted"), Parameter("max_new_tokens",
+                                                                          value=16)]
+        overrides += [Parameter(k, value=v) for k, v in params.items()]
+        n = node_mod.InternVLNode(pipeline_loader=lambda *a: pipe, context=ctx,
+                                  parameter_overrides=overrides)
+        made.append(n)
+        return n, pipe
+
+    yield make
+    for n in made:
+        if n.pipeline.block is not None:
+            n.pipeline.block.set()
+        n.close(timeout=5)
+        n.destroy_node()
+
+
+def rgb_image(h=8, w=8) -> Image:
+    msg = Image(height=h, width=w, encoding="rgb8", step=w * 3)
+    msg.data = array.array("B", bytes((i * 7) % 256 for i in range(h * w * 3)))
+    return msg
+
+
+def png_bytes() -> bytes:
+    ok, buf = cv2.imencode(".png", np.full((8, 8, 3), 77, np.uint8))
+    return buf.tobytes()
+
+
+def broken_jpeg() -> bytes:
+    """A JPEG whose header is sound (passes intake) but whose scan is broken."""
+    ok, buf = cv2.imencode(".jpg", np.full((16, 16, 3), 99, np.uint8))
+    jpg = bytearray(buf.tobytes())
+    jpg[jpg.index(b"\xff\xda") + 5] = 0x77
+    return bytes(jpg)
+
+
+class FakeGoalHandle:
+    """What the action server hands the execute callback."""
+
+    def __init__(self, goal):
+        self.request = goal
+        self.is_cancel_requested = False
+        self.feedback = []
+        self.state = None
+
+    def publish_feedback(self, fb):
+        self.feedback.append(fb)
+
+    def succeed(self):
+        self.state = "succeeded"
+
+    def abort(self):
+        self.state = "aborted"
+
+    def canceled(self):
+        self.state = "canceled"
+
+
+# ---------------------------------------------------------------------------------------------
+# scenarios
+
+
+def test_action_goal_drops_its_image_and_last_feedback_matches_the_result(make_node):
+    """The last two tokens add no text: the final feedback still carries their count."""
+    node, pipe = make_node(ScriptedPipeline(deltas=("a cat", "", "")))
+    goal = DescribeAction.Goal(prompt="what?", image=rgb_image())
+    gh = FakeGoalHandle(goal)
+    result = node._on_describe_action(gh)
+    assert gh.state == "succeeded" and result.success and result.caption == "a cat"
+    assert result.timings.generated_tokens == 3
+    last = gh.feedback[-1]
+    assert (last.text, last.generated_tokens) == ("a cat", 3)
+    assert "".join(f.delta for f in gh.feedback) == "a cat"
+    assert pipe.images[0].shape == (8, 8, 3)  # the request image was described
+    assert len(goal.image.data) == 0  # and then dropped: rclpy keeps the goal for a while
+    assert node_mod.ACTION_RESULT_TIMEOUT_S <= 900
+
+
+def test_action_goals_end_before_the_result_timeout_where_it_counts_from_acceptance(
+        make_node, monkeypatch):
+    """On Humble a goal must end before result_timeout (counted from its acceptance there):
+    ACTION_MAX_S caps it below request_timeout (0 = forever here). Emulated with 0.3 s."""
+    monkeypatch.setattr(node_mod, "ACTION_MAX_S", 0.3)
+    node, pipe = make_node(request_timeout=0.0)
+    pipe.block = threading.Event()  # the model never finishes on its own
+    gh = FakeGoalHandle(DescribeAction.Goal(prompt="what?", image=rgb_image()))
+    t0 = time.monotonic()
+    result = node._on_describe_action(gh)
+    assert time.monotonic() - t0 < 2
+    assert gh.state == "aborted" and result.message.startswith("timed out after 0.3 s")
+    assert "the most an action goal may take" in result.message
+    pipe.block.set()
+
+
+def test_corrupt_latest_frame_is_reported_as_corrupt_not_missing(make_node):
+    node, pipe = make_node(image_transport="compressed")
+    node._on_image(serialize_message(CompressedImage(format="jpeg",
+                                                     data=array.array("B", broken_jpeg()))))
+    assert node._latest is not None and node._latest.raw is not None  # kept serialized
+    first = node._serve(Describe.Request(prompt="x"), "service")
+    assert not first.success and "could not decode" in first.message
+    assert "[corrupt]" in first.message
+    second = node._serve(Describe.Request(prompt="x"), "service")
+    assert not second.success and "no frame received yet" not in second.message
+    assert "latest frame" in second.message and "could not be decoded and was dropped" in \
+        second.message
+    node._on_image(serialize_message(CompressedImage(format="png",
+                                                     data=array.array("B", png_bytes()))))
+    ok = node._serve(Describe.Request(prompt="x"), "service")
+    assert ok.success and ok.text == "a b" and pipe.images[-1][0, 0].tolist() == [77, 77, 77]
+
+
+def test_raw_intake_keeps_bytes_and_validates_them(make_node):
+    node, pipe = make_node()
+    msg = rgb_image(4, 6)
+    msg.header.frame_id = "cam"
+    node._on_image(serialize_message(msg))
+    frame = node._latest
+    assert frame.msg is None and isinstance(frame.raw, bytes)
+    assert (frame.info.width, frame.info.height, frame.info.encoding) == (6, 4, "rgb8")
+    short = rgb_image(4, 6)
+    short.data = short.data[:-1]
+    node._on_image(serialize_message(short))
+    assert node._latest is frame and node.stats.snapshot()["dropped_by_kind"] == {"size": 1}
+    out = node._serve(Describe.Request(prompt="x", max_frame_age=-1.0), "service")
+    assert out.success and out.header.frame_id == "cam"
+    np.testing.assert_array_equal(
+        pipe.images[-1], np.frombuffer(msg.data.tobytes(), np.uint8).reshape(4, 6, 3))
+
+
+def test_a_refusal_while_stopping_is_not_counted_as_busy(make_node):
+    node, _ = make_node()
+    node.stop_serving()
+    out = node._serve(Describe.Request(prompt="x", image=rgb_image()), "service")
+    assert not out.success and out.message == "the node is shutting down" and not out.refused
+    snap = node.stats.snapshot()
+    assert snap["requests_refused"] == 0 and snap["requests_failed"] == 1
+
+
+def test_close_releases_the_model_only_after_the_worker_left_it(make_node):
+    node, pipe = make_node()
+    pipe.block = threading.Event()  # the model is "inside a long ViT pass"
+    answers = []
+    t = threading.Thread(target=lambda: answers.append(
+        node._serve(Describe.Request(prompt="x", image=rgb_image()), "service")))
+    t.start()
+    assert pipe.inside.wait(10)
+    second = []
+    t0 = time.monotonic()
+    first = threading.Thread(target=lambda: second.append(("first", node.close(timeout=0.5))))
+    first.start()
+    while not node._closing:  # the first close() is under way
+        time.sleep(0.001)
+    released = node.close(timeout=5)  # a second close waits for the first, bounded
+    took = time.monotonic() - t0
+    first.join()
+    t.join(5)
+    assert answers and answers[0].message == "the node is shutting down"  # answered at once
+    assert second == [("first", False)] and released is False
+    assert 0.4 < took < 3, took
+    assert not pipe.closed  # not released under the running model
+    pipe.block.set()
+    assert node.worker.join(5)
+
+
+def test_close_releases_the_model_when_the_worker_is_idle(make_node):
+    node, pipe = make_node()
+    assert node.close(timeout=2) is True and pipe.closed
+    assert node.close(timeout=2) is True  # idempotent
+
+
+def test_executor_skips_a_subscription_destroyed_before_its_take(ctx, monkeypatch):
+    """Humble's executor takes without catching InvalidHandle (rclpy#1150 is not in Humble):
+    emulate that in the base class, and NodeExecutor must still return "nothing to do"."""
+    from rclpy.executors import MultiThreadedExecutor
+    from std_msgs.msg import String
+
+    def humble_take(self, sub):
+        with sub.handle:  # raises InvalidHandle once the subscription is destroyed
+            msg_info = sub.handle.take_message(sub.msg_type, sub.raw)
+            return msg_info[0] if msg_info is not None else None
+
+    monkeypatch.setattr(MultiThreadedExecutor, "_take_subscription", humble_take)
+    n = rclpy.create_node("take_race", context=ctx)
+    try:
+        sub = n.create_subscription(String, "take_race", lambda m: None, 1)
+        n.destroy_subscription(sub)
+        executor = node_mod.NodeExecutor(num_threads=2, context=ctx)
+        with pytest.raises(node_mod.InvalidHandle):
+            humble_take(executor, sub)
+        assert executor._take_subscription(sub) is None
+        executor.shutdown()
+    finally:
+        n.destroy_node()
