@@ -15,7 +15,7 @@ PKG_SOURCES := $(shell find internvl_ros_interfaces -type f 2>/dev/null) \
 	$(shell find internvl_ros/internvl_ros -maxdepth 1 -type d 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: help setup build lint test demo clean
+.PHONY: help setup build lint test demo bench bench-full clean
 
 help:
 	@echo "make demo   set everything up and run the demo (replay a bag into the node)"
@@ -53,6 +53,13 @@ test: setup lint
 # MODEL_DIR=... BACKEND=axengine BAG=... TOPIC=... are read by the demo script.
 demo: setup
 	source env.sh && python -m internvl_ros.tools.demo
+
+# Benchmarks (not tests): markdown table on stdout, JSON to $(JSON) (default bench/results/).
+bench: setup
+	$(PY) bench/run.py --quick $(if $(JSON),--json $(JSON))
+
+bench-full: setup
+	$(PY) bench/run.py --full $(if $(JSON),--json $(JSON))
 
 clean:
 	rm -rf build install log .cache

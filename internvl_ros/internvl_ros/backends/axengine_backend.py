@@ -106,5 +106,5 @@ class AxEngineBackend:
         import_axengine()  # fail early with the install hint
         self.provider = provider
 
-    def open(self, path: str) -> AxEngineSession:
+    def open(self, path: str, role: str | None = None) -> AxEngineSession:
         return AxEngineSession(str(path), provider=self.provider)

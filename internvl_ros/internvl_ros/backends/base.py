@@ -50,4 +50,6 @@ class Backend(Protocol):
     name: str
     file_extension: str
 
-    def open(self, path: str) -> Session: ...
+    def open(self, path: str, role: str | None = None) -> Session:
+        """A session for one model file; `role` ("layer", "post", "vit") may tune it."""
+        ...

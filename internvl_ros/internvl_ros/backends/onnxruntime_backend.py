@@ -39,7 +39,7 @@ class OnnxRuntimeSession:
     num_shape_groups = 1
 
     def __init__(self, path: str, providers: Sequence | None = None,
-                 num_threads: int | None = None):
+                 num_threads: int | None = None, low_memory: bool = False):
         import onnxruntime as ort
 
         if not os.path.isfile(path):
@@ -54,6 +54,12 @@ class OnnxRuntimeSession:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
+        if low_memory:
+            # For the ViT, run once per image: no prepacked second copy of its weights and no
+            # arena holding its activations between requests (-0.6 GB peak RSS at full size,
+            # not slower). Not for the layers: prepacking is what makes int4 decode fast.
+            opts.add_session_config_entry("session.disable_prepacking", "1")
+            opts.enable_cpu_mem_arena = False
         try:
             self._sess = ort.InferenceSession(
                 path, sess_options=opts, providers=list(providers or ["CPUExecutionProvider"]))
@@ -101,6 +107,6 @@ class OnnxRuntimeBackend:
             raise ConfigError(f"num_threads={num_threads!r} must be an integer >= 1")
         self.num_threads = num_threads
 
-    def open(self, path: str) -> OnnxRuntimeSession:
+    def open(self, path: str, role: str | None = None) -> OnnxRuntimeSession:
         return OnnxRuntimeSession(str(path), providers=self.providers,
-                                  num_threads=self.num_threads)
+                                  num_threads=self.num_threads, low_memory=(role == "vit"))

@@ -149,7 +149,7 @@ class Pipeline:
                                      max_context=max_context)
             self.vision = None
             if paths.vit is not None:
-                vit = backend.open(str(paths.vit))
+                vit = backend.open(str(paths.vit), role="vit")
                 sessions.append(vit)
                 self.vision = VisionModel(vit, self.config)
         except BaseException:
