@@ -381,28 +381,27 @@ def discover(
     layer_paths, prefix = _resolve_layers(layers, dirs, ext, backend, root)
     layer_dir = layer_paths[0].parent
 
-    # post: <prefix>_post<ext> next to the layers, else any *_post<ext>
-    if post is not None:
-        post_path = _explicit_file(post, "post")
-    else:
-        post_path = layer_dir / f"{prefix}_post{ext}"
-        if not post_path.is_file():
-            post_path = find(lambda n: bool(POST_RE.match(n)) and n.endswith(ext),
-                             f"post model (*_post{ext})", "post=...")
-        if post_path is None:
-            raise ModelDirError(f"no post model ({prefix}_post{ext}: final norm + lm_head) in "
-                                f"{layer_dir}; the download or export is incomplete")
+    def beside_layers(explicit, role, name, name_match, what, missing):
+        """The explicit file, else `name` next to the layers, else a unique match below root."""
+        if explicit is not None:
+            return _explicit_file(explicit, role)
+        path = layer_dir / name
+        if not path.is_file():
+            path = find(name_match, what, f"{role}=...")
+        if path is None:
+            raise ModelDirError(missing)
+        return path
 
-    # embeddings: next to the layers, else anywhere
-    if embeddings is not None:
-        emb_path = _explicit_file(embeddings, "embeddings")
-    else:
-        emb_path = layer_dir / EMBEDDINGS_NAME
-        if not emb_path.is_file():
-            emb_path = find(lambda n: n == EMBEDDINGS_NAME, "token embeddings", "embeddings=...")
-        if emb_path is None:
-            raise ModelDirError(f"no token embeddings ({EMBEDDINGS_NAME}) in {layer_dir} or "
-                                f"below {root}; the download or export is incomplete")
+    post_path = beside_layers(
+        post, "post", f"{prefix}_post{ext}",
+        lambda n: bool(POST_RE.match(n)) and n.endswith(ext), f"post model (*_post{ext})",
+        f"no post model ({prefix}_post{ext}: final norm + lm_head) in {layer_dir}; "
+        "the download or export is incomplete")
+    emb_path = beside_layers(
+        embeddings, "embeddings", EMBEDDINGS_NAME, lambda n: n == EMBEDDINGS_NAME,
+        "token embeddings",
+        f"no token embeddings ({EMBEDDINGS_NAME}) in {layer_dir} or below {root}; "
+        "the download or export is incomplete")
 
     # vit (optional: text-only use works without it)
     if vit is not None:
