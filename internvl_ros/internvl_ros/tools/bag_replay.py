@@ -358,16 +358,14 @@ class Replay:
             time.sleep(1.5)
 
     def _request(self, frame: BagFrame):
+        # any frame age: a replay may pause (waiting for answers) longer than the node's limit
         req = self.Describe.Request(prompt=self.args.prompt,
-                                    max_new_tokens=self.args.max_new_tokens)
+                                    max_new_tokens=self.args.max_new_tokens, max_frame_age=-1.0)
         if not self.args.live:
-            req.max_frame_age = -1.0  # replayed stamps are old by design
             if frame.kind == "compressed":
                 req.compressed_image = to_ros_image(frame)
             else:
                 req.image = to_ros_image(frame)
-        else:
-            req.max_frame_age = -1.0
         return req
 
     def _response_record(self, frame: BagFrame, response) -> dict:
