@@ -11,6 +11,7 @@ unless used.
 from __future__ import annotations
 
 import importlib
+import inspect
 
 from ..core.errors import BackendError
 from .base import Backend, NodeInfo, Session
@@ -23,12 +24,21 @@ BACKENDS = {
 
 
 def get_backend(name: str, **options) -> Backend:
-    """Instantiate a registered backend by name (imports its module now)."""
+    """Instantiate a registered backend by name (imports its module now). Options left at None
+    are not passed; an option the backend does not take is a BackendError."""
     if name not in BACKENDS:
         raise BackendError(f"unknown backend '{name}'; choose one of {', '.join(BACKENDS)}")
     module_name, factory = BACKENDS[name].split(":")
     module = importlib.import_module(module_name)
-    return getattr(module, factory)(**options)
+    make = getattr(module, factory)
+    options = {k: v for k, v in options.items() if v is not None}
+    takes = inspect.signature(make).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in takes.values()):
+        odd = sorted(set(options) - set(takes))
+        if odd:
+            raise BackendError(f"the {name} backend does not take {', '.join(odd)} (it takes "
+                               f"{', '.join(takes) or 'no options'})")
+    return make(**options)
 
 
 __all__ = ["BACKENDS", "Backend", "NodeInfo", "Session", "get_backend"]

@@ -13,6 +13,7 @@ from .errors import (
                      PromptTooLongError,
                      ShapeMismatchError,
 )
+from .kvfeed import KV_FEED_MODES, KVFeedStatus
 from .modeldir import ModelConfig, ModelDir, ModelPaths, discover, load_config, load_model_dir
 from .pipeline import Generation, GenerationResult, Pipeline, Step, Timings
 from .preprocess import decode_image, load_image, preprocess_image, sample_video_frames
@@ -22,7 +23,8 @@ from .tokenizer import Tokenizer
 
 __all__ = [
     "BackendError", "BusyError", "ConfigError", "DEFAULT_SYSTEM_PROMPT", "Generation",
-    "GenerationConfig", "GenerationResult", "ImageDecodeError", "InternVLError", "ModelConfig",
+    "GenerationConfig", "GenerationResult", "ImageDecodeError", "InternVLError", "KV_FEED_MODES",
+    "KVFeedStatus", "ModelConfig",
     "ModelDir", "ModelDirError", "ModelPaths", "Pipeline", "PromptTooLongError", "Sampler",
     "ShapeMismatchError", "Step", "Timings", "Tokenizer", "build_prompt_ids", "decode_image",
     "discover", "load_config", "load_image", "load_model_dir", "preprocess_image",

@@ -14,6 +14,9 @@ class KVCache:
     row adds exp(-65536 + s) * v = 0 as long as it is finite. Rows that may not be finite (a
     step failed, or the model produced non-finite logits: `taint()`) are zeroed by the next
     `reset()`.
+
+    `listeners`: callables `(layer or None, start, stop)` told of every row range written or
+    zeroed (the NPU rows feeder, core/kvfeed.py, tracks which rows its buffers hold).
     """
 
     def __init__(self, num_layers: int, max_ctx: int, kv_dim: int, dtype=np.float32):
@@ -23,6 +26,7 @@ class KVCache:
         self.filled = 0
         self._dirty = 0  # rows that may be non-zero
         self.tainted = False  # rows [0, _dirty) may hold non-finite values
+        self.listeners: list = []
 
     @property
     def dtype(self):
@@ -41,6 +45,8 @@ class KVCache:
         self.k[layer, :, start:start + n] = k_new  # (1, n, kv_dim)
         self.v[layer, :, start:start + n] = v_new  # (1, n, kv_dim)
         self._dirty = max(self._dirty, start + n)
+        for changed in self.listeners:
+            changed(layer, start, start + n)
 
     def taint(self) -> None:
         """Mark the used rows as possibly non-finite: the next reset() zeroes them."""
@@ -52,6 +58,8 @@ class KVCache:
         if clear or self.tainted:
             self.k[:, :, :self._dirty] = 0
             self.v[:, :, :self._dirty] = 0
+            for changed in self.listeners:
+                changed(None, 0, self._dirty)
             self._dirty = 0
             self.tainted = False
         self.filled = 0

@@ -10,6 +10,9 @@ Two feeding strategies, picked from the sessions:
 
 A prompt of L tokens runs ceil(L / chunk) slices; the logits come from row (L - 1) mod chunk of
 the last slice (no extra all-padding slice when L is a multiple of the chunk).
+
+On the NPU the layers run through a KVFeeder (core/kvfeed.py, `kv_feed`): the whole cache every
+run (`full`), or only the rows the layer's input buffers do not hold yet (`rows`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from .errors import (
     ShapeMismatchError,
 )
 from .kvcache import KVCache
+from .kvfeed import VERIFY_EVERY, VERIFY_FIRST, KVFeeder, KVFeedStatus, check_kv_feed
 from .modeldir import ModelConfig
 
 MASKED = -65536.0  # additive mask value of the Axera build
@@ -79,10 +83,13 @@ class LanguageModel:
     """Decoder layers + post + token embeddings, with a KV cache."""
 
     def __init__(self, layers: Sequence, post, embeddings: np.ndarray, config: ModelConfig,
-                 max_context: int | None = None, prefill_chunk: int = 128):
+                 max_context: int | None = None, prefill_chunk: int = 128,
+                 kv_feed: str = "auto", kv_verify_first: int = VERIFY_FIRST,
+                 kv_verify_every: int = VERIFY_EVERY):
         if not layers:
             raise ShapeMismatchError("no decoder layer sessions")
         max_context = check_max_context(max_context)
+        check_kv_feed(kv_feed)
         self.layers = list(layers)
         self.post = post
         self.embeddings = embeddings  # (vocab, hidden), usually memory-mapped
@@ -111,6 +118,13 @@ class LanguageModel:
         self.cache_dtype = self.dtypes[self.decode_group]["K_cache"]
         self.cache = KVCache(len(self.layers), self.max_ctx_rows, config.kv_dim,
                              self.cache_dtype)
+        self.feeder = KVFeeder(self.layers, self.cache, kv_feed, fixed=self.fixed,
+                               verify_first=kv_verify_first, verify_every=kv_verify_every)
+
+    @property
+    def kv_feed(self) -> KVFeedStatus:
+        """The KV feed in use (rows or full) and why."""
+        return self.feeder.status
 
     # ------------------------------------------------------------------ model introspection
 
@@ -284,6 +298,7 @@ class LanguageModel:
         cols = np.arange(past + n)[None, :]
         mask[0][(cols <= past + rows) & (rows < n_valid)] = 0.0
         mask = cast(mask, dt["mask"])
+        self.feeder.begin("prefill", past)
         for i, layer in enumerate(self.layers):
             if self.fixed and past == 0:
                 k = np.zeros((1, group.cache_rows, self.config.kv_dim), dt["K_cache"])
@@ -293,8 +308,9 @@ class LanguageModel:
                 k, v = cast(k, dt["K_cache"]), cast(v, dt["V_cache"])
             feed = {"K_cache": k, "V_cache": v, "indices": indices,
                     "input": cast(hidden, dt["input"]), "mask": mask}
-            k_new, v_new, hidden = run_session(layer, feed, group_id,
-                                               f"prefill of decoder layer {i}")[:3]
+            k_new, v_new, hidden = self.feeder.run(
+                i, feed, group_id, past, lambda layer=layer, feed=feed, i=i: run_session(
+                    layer, feed, group_id, f"prefill of decoder layer {i}"))[:3]
             self.cache.write(i, past, k_new[:, :n_valid], v_new[:, :n_valid])
         return hidden
 
@@ -315,12 +331,15 @@ class LanguageModel:
             mask = np.zeros((1, 1, pos + 1), dtype=np.float32)  # (1, 1, pos + 1)
         mask = cast(mask, dt["mask"])
         hidden = cast(x, dt["input"])
+        rows = self.decode_cache_len if self.fixed else pos
+        self.feeder.begin("decode", pos)
         for i, layer in enumerate(self.layers):
-            k, v = self.cache.view(i, self.decode_cache_len if self.fixed else pos)
+            k, v = self.cache.view(i, rows)
             feed = {"K_cache": cast(k, dt["K_cache"]), "V_cache": cast(v, dt["V_cache"]),
                     "indices": indices, "input": cast(hidden, dt["input"]), "mask": mask}
-            k_new, v_new, hidden = run_session(layer, feed, self.decode_group,
-                                               f"decode of decoder layer {i}")[:3]
+            k_new, v_new, hidden = self.feeder.run(
+                i, feed, self.decode_group, rows, lambda layer=layer, feed=feed, i=i: run_session(
+                    layer, feed, self.decode_group, f"decode of decoder layer {i}"))[:3]
             self.cache.write(i, pos, k_new, v_new)  # (1, 1, kv_dim)
         self.cache.filled = pos + 1
         return self._logits(hidden)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BackendError, BusyError, ConfigError, ModelDirError, ShapeMismatchError
+from .kvfeed import KVFeedStatus, check_kv_feed
 from .llm import LanguageModel, cast, check_max_context, run_session
 from .modeldir import ModelDir, load_model_dir
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, check_rgb, decode_image, preprocess_image
@@ -125,7 +126,7 @@ class Pipeline:
     """Loaded model (tokenizer, ViT, layers, post, embeddings). One generation at a time."""
 
     def __init__(self, model_dir: ModelDir, backend, max_context: int | None = None,
-                 max_tiles: int = 1):
+                 max_tiles: int = 1, kv_feed: str = "auto"):
         self.model_dir = model_dir
         self.config = model_dir.config
         self.backend_name = getattr(backend, "name", str(backend))
@@ -146,7 +147,7 @@ class Pipeline:
             sessions.append(post)
             embeddings = np.load(paths.embeddings, mmap_mode="r")  # (vocab, hidden)
             self.llm = LanguageModel(layers, post, embeddings, self.config,
-                                     max_context=max_context)
+                                     max_context=max_context, kv_feed=kv_feed)
             self.vision = None
             if paths.vit is not None:
                 vit = backend.open(str(paths.vit), role="vit")
@@ -164,15 +165,21 @@ class Pipeline:
     def from_model_dir(cls, path: str | Path | None = None,
                        backend: str = "onnxruntime", provider=None,
                        num_threads: int | None = None, max_context: int | None = None,
-                       max_tiles: int = 1, **paths) -> Pipeline:
+                       max_tiles: int = 1, kv_feed: str = "auto", device_id: int | None = None,
+                       **paths) -> Pipeline:
         """Discover and load a model dir. `paths` may override roles: config, tokenizer,
-        layers, post, vit, embeddings (see core.modeldir.discover)."""
+        layers, post, vit, embeddings (see core.modeldir.discover). `kv_feed` (auto, full,
+        rows): how the NPU layers get the KV cache (core/kvfeed.py; `pipe.kv_feed` tells what
+        is used); `device_id`: the Axera M.2 card (axengine backend)."""
         from ..backends import get_backend
 
         check_max_context(max_context)  # before anything loads
+        check_kv_feed(kv_feed)
         model_dir = load_model_dir(path, backend, **paths)
-        impl = get_backend(backend, provider=provider, num_threads=num_threads)
-        return cls(model_dir, impl, max_context=max_context, max_tiles=max_tiles)
+        impl = get_backend(backend, provider=provider, num_threads=num_threads,
+                           device_id=device_id)
+        return cls(model_dir, impl, max_context=max_context, max_tiles=max_tiles,
+                   kv_feed=kv_feed)
 
     # ------------------------------------------------------------------ properties
 
@@ -191,6 +198,12 @@ class Pipeline:
     @property
     def max_context(self) -> int:
         return self.llm.max_ctx
+
+    @property
+    def kv_feed(self) -> KVFeedStatus:
+        """How the NPU layers get the KV cache now: `.mode` (rows or full), `.requested`,
+        `.reason`, `.verified_steps`; `.to_dict()` for diagnostics."""
+        return self.llm.kv_feed
 
     @property
     def busy(self) -> bool:

@@ -27,6 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnxruntime execution provider, or AxEngineExecutionProvider / "
                         "AXCLRTExecutionProvider")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    p.add_argument("--kv-feed", default="auto", choices=("auto", "full", "rows"),
+                   help="NPU only: feed the whole KV cache every step (full) or only the new "
+                        "rows (rows); auto = rows where the runtime allows it and its "
+                        "self-check passes. --json reports the mode really used")
+    p.add_argument("--device-id", type=int, default=None,
+                   help="the Axera M.2 card to use (AXCLRTExecutionProvider; default: card 0)")
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an image file (repeat for several images)")
     p.add_argument("--video", default=None, metavar="PATH", help="a video file")
@@ -75,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         images = [load_image(p) for p in args.image]
     pipe = Pipeline.from_model_dir(args.model_dir, backend=args.backend, provider=args.provider,
                                    num_threads=args.threads, max_context=args.max_context,
-                                   max_tiles=args.max_tiles)
+                                   max_tiles=args.max_tiles, kv_feed=args.kv_feed,
+                                   device_id=args.device_id)
     try:
         if video:
             frames = args.frames
@@ -90,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
                 out.write(step.text_delta)
                 out.flush()
         result = gen.result
+        kv_feed = pipe.kv_feed.to_dict()  # after the run: a failed self-check shows here
     finally:
         pipe.close()
     if args.stream:
@@ -98,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         record = result.to_dict()
         record["backend"] = args.backend
+        record["kv_feed"] = kv_feed
         print(json.dumps(record, ensure_ascii=False))
     elif not args.stream:
         print(result.text)
