@@ -301,7 +301,8 @@ def task_npu(a: dict) -> dict:
     from internvl_ros.core import GenerationConfig, Pipeline
 
     with fake_axengine.installed():
-        pipe = Pipeline.from_model_dir(a["model_dir"], backend="axengine")
+        # kv_feed="full": the wrappers count what run() is fed (bench/npu_feed.py: rows mode)
+        pipe = Pipeline.from_model_dir(a["model_dir"], backend="axengine", kv_feed="full")
         meter = Meter(by_input=True)
         wrap_pipeline(pipe, meter)
         disable_eos(pipe)

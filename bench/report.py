@@ -17,30 +17,42 @@ def weights_per_token(run: dict) -> int:
 
 
 def npu_projection(settings: dict, npu: dict) -> dict:
-    """Projected AX650N decode: seed NPU time + host overhead + cost of the bytes fed."""
+    """Projected AX650N decode per token: seed NPU time + host overhead + the bytes fed, at a
+    memmove+flush rate calibrated on Axera's measured full-feed decode (~217 ms/token) unless
+    one is given. `npu["feed"]` (bench/npu_feed.py) has the measured rows-mode bytes."""
     seed = settings["npu_seed"]
-    rate = settings["copy_rate_bytes_s"]
     npu_ms = seed["decode_ms_per_layer"] * seed["layers"] + seed["post_ms"]
     host_ms = npu["overhead_ms_per_token"]
-    fed = npu["bytes_fed_per_token"]
+    feed = npu.get("feed")
+    # the published shape's full feed (bench/npu_feed.py), else what the pipeline run was fed
+    fed = feed["full"]["bytes_per_token"] if feed else npu["bytes_fed_per_token"]
+    vendor = settings.get("vendor_full_ms_per_token")
+    rate = settings.get("copy_rate_bytes_s") or fed / ((vendor - npu_ms - host_ms) / 1e3)
     copy_ms = 1e3 * fed / rate
-    # feeding only the new K/V rows: the other inputs as now + one row of K and V per layer
-    by_input = npu["bytes_by_input_per_token"]
-    kv_full = by_input.get("K_cache", 0) + by_input.get("V_cache", 0)
-    row_bytes = 2 * npu["layers"] * npu["kv_dim"] * 2  # a K and a V row per layer, bfloat16
-    fed_new_rows = fed - kv_full + row_bytes
+    if feed:  # measured at the published shape, rows mode
+        fed_new_rows = feed["rows"]["bytes_per_token"]
+        rows_host_ms = feed["rows"]["host_ms_per_token"]
+    else:  # the other inputs as now + one row of K and V per layer
+        by_input = npu["bytes_by_input_per_token"]
+        kv_full = by_input.get("K_cache", 0) + by_input.get("V_cache", 0)
+        fed_new_rows = fed - kv_full + 2 * npu["layers"] * npu["kv_dim"] * 2
+        rows_host_ms = host_ms
     copy_new_ms = 1e3 * fed_new_rows / rate
     return {
         "npu_ms_per_token": npu_ms,
         "npu_only_tok_s": 1e3 / npu_ms,
         "host_overhead_ms_per_token": host_ms,
         "bytes_fed_per_token": fed,
+        "vendor_full_ms_per_token": vendor,
         "copy_rate_bytes_s": rate,
+        "copy_rate_calibrated": not settings.get("copy_rate_bytes_s"),
         "copy_ms_per_token": copy_ms,
         "projected_tok_s": 1e3 / (npu_ms + host_ms + copy_ms),
         "bytes_fed_new_rows_only": fed_new_rows,
         "copy_ms_new_rows_only": copy_new_ms,
         "projected_new_rows_tok_s": 1e3 / (npu_ms + host_ms + copy_new_ms),
+        "rows_host_ms_double": rows_host_ms,
+        "projected_rows_pessimistic_tok_s": 1e3 / (npu_ms + 4 * rows_host_ms + copy_new_ms),
         "sensitivity_tok_s": {f"{r:g} GB/s": 1e3 / (npu_ms + host_ms + 1e3 * fed / (r * 1e9))
                               for r in (1.5, 3.0, 6.0, 12.0)},
         "host_x4_tok_s": 1e3 / (npu_ms + 4 * host_ms + copy_ms),
@@ -84,6 +96,7 @@ def derive(settings, machine, build, bandwidth, ours, hf, npu, agreement, study)
         "decode_ceiling_tok_s": ceilings[prim_name]["ceiling_tok_s"],
         "projected_ax650_tok_s": proj["projected_tok_s"],
         "projected_ax650_copy_ms": proj["copy_ms_per_token"],
+        "projected_ax650_rows_tok_s": proj["projected_new_rows_tok_s"],
         "logit_cosine": agreement.get(prim_name, {}).get("cosine_mean"),
         "logit_top1_agreement": agreement.get(prim_name, {}).get("top1_agreement"),
     }
@@ -216,15 +229,20 @@ def markdown(r: dict) -> str:
               f"({p['npu_only_tok_s']:.1f} tok/s alone) |",
               f"| host overhead, measured through the axengine double | "
               f"{p['host_overhead_ms_per_token']:.3g} ms |",
-              f"| bytes fed per decode token (measured: {npu['layers']} layers, cache "
-              f"{npu['kv_cache_len']} rows, {npu['cache_dtype']}) | "
-              f"{_bytes(p['bytes_fed_per_token'])} |",
-              f"| byte-copy term at an assumed {p['copy_rate_bytes_s'] / 1e9:g} GB/s | "
-              f"{p['copy_ms_per_token']:.1f} ms |",
-              f"| **projected decode** | **{p['projected_tok_s']:.1f} tok/s** |",
-              f"| projected if only the new K/V rows were fed "
-              f"({_bytes(p['bytes_fed_new_rows_only'])}/token) | "
-              f"{p['projected_new_rows_tok_s']:.1f} tok/s |",
+              "| bytes fed per decode token, kv_feed=full (measured through the double"
+              + (", published shape" if npu.get("feed") else f", {npu['layers']} layers")
+              + f") | {_bytes(p['bytes_fed_per_token'])} |",
+              f"| byte-copy term at {p['copy_rate_bytes_s'] / 1e9:.2f} GB/s"
+              + (f" (calibrated: Axera measured ~{p['vendor_full_ms_per_token']:g} ms/token "
+                 "with this full feed)" if p["copy_rate_calibrated"] else "")
+              + f" | {p['copy_ms_per_token']:.1f} ms |",
+              f"| **projected decode, kv_feed=full** | **{p['projected_tok_s']:.1f} tok/s** |",
+              f"| **projected decode, kv_feed=rows** "
+              f"({_bytes(p['bytes_fed_new_rows_only'])}/token, measured) | "
+              f"**{p['projected_new_rows_tok_s']:.1f} tok/s** |",
+              f"| rows, if the board's host work were 4x the double's "
+              f"{p['rows_host_ms_double']:.1f} ms | "
+              f"{p['projected_rows_pessimistic_tok_s']:.1f} tok/s |",
               "| projected at other copy rates | " + ", ".join(
                   f"{k}: {v:.1f}" for k, v in p["sensitivity_tok_s"].items()) + " |",
               f"| projected if the board's host work is 4x slower than here | "

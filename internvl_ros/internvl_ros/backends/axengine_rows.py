@@ -180,9 +180,9 @@ class CmmRows(_RowsIO):
         return self._run_one(self._handle[0], self._context[0], self._io)
 
     def _read(self, index: int, node) -> np.ndarray:
-        buf = self._outs[index]
-        self._invalidate(buf.phyAddr, buf.pVirAddr, buf.nSize)
-        raw = self._ffi.buffer(buf.pVirAddr, _nbytes(node))
+        buf, n = self._outs[index], _nbytes(node)
+        self._invalidate(buf.phyAddr, buf.pVirAddr, n)  # only the bytes read, not the buffer
+        raw = self._ffi.buffer(buf.pVirAddr, n)
         return np.frombuffer(raw, dtype=node.dtype).reshape(node.shape).copy()
 
     def release(self) -> str:

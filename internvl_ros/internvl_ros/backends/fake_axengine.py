@@ -50,6 +50,7 @@ import ctypes
 import json
 import shutil
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -99,10 +100,11 @@ class Counters:
         self.flushed_bytes = 0
         self.output_bytes = 0
         self.runs = 0
+        self.npu_s = 0.0  # time inside the emulated NPU (the model's computation)
 
     def snapshot(self) -> dict:
         return {"input_bytes": self.input_bytes, "flushed_bytes": self.flushed_bytes,
-                "output_bytes": self.output_bytes, "runs": self.runs}
+                "output_bytes": self.output_bytes, "runs": self.runs, "npu_s": self.npu_s}
 
 
 counters = Counters()
@@ -385,6 +387,7 @@ class _Model:
                 self.faults.remove(fault)
                 self._corrupt(in_bufs, group, fault[1], fault[2])
         counters.runs += 1
+        t0 = time.perf_counter()
         feed = {}
         for node, buf in zip(self.inputs[group], in_bufs, strict=True):
             raw = buf.device[:_nbytes(node)]
@@ -397,6 +400,7 @@ class _Model:
                                    f"shape {value.shape}, the axmodel declares {node.shape}")
             buf.device[:value.nbytes] = value.reshape(-1).view(np.uint8)
             counters.output_bytes += value.nbytes
+        counters.npu_s += time.perf_counter() - t0
         return 0
 
     def _corrupt(self, in_bufs, group, name, row) -> None:
