@@ -293,3 +293,21 @@ def test_caption_cli_reports_the_mode_used(tiny_axera, tmp_path, capsys):
     assert bare["mode"] == "full" and "internals" in bare["reason"]
     assert records[True]["token_ids"] == records[False]["token_ids"]
     np.testing.assert_equal(records[True]["prompt_token_ids"], records[False]["prompt_token_ids"])
+
+
+def test_board_script_runs_unchanged(tiny_axera, tmp_path):
+    """bench/board.py, as a board owner runs it, here through the double (--fake)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "bench" / "board.py"
+    out = subprocess.run([sys.executable, str(script), "--model-dir", str(tiny_axera), "--fake",
+                          "--tokens", "6", "--runs", "1", "--json", str(tmp_path / "b.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "| decode tok/s (median) |" in out.stdout and "| TTFT s" in out.stdout
+    assert "same tokens in both modes: yes" in out.stdout
+    assert "rows self-check: passed" in out.stdout
+    record = json.loads((tmp_path / "b.json").read_text())
+    assert record["rows"]["kv_feed"]["mode"] == "rows" and record["full"]["decode_tok_s"] > 0
