@@ -311,3 +311,15 @@ def test_board_script_runs_unchanged(tiny_axera, tmp_path):
     assert "rows self-check: passed" in out.stdout
     record = json.loads((tmp_path / "b.json").read_text())
     assert record["rows"]["kv_feed"]["mode"] == "rows" and record["full"]["decode_tok_s"] > 0
+
+
+def test_prefill_groups_in_another_dtype_stay_full(tmp_path):
+    """Rows are shared between shape groups only when every group holds K/V in one dtype."""
+    _, onnx_dir = tiny_model_dirs("a")
+    fake_axengine.make_fake_axera_dir(onnx_dir, tmp_path, kv_cache_len=300, max_prefill=256,
+                                      prefill_dtype=np.float32)
+    with fake_axengine.installed():
+        with Pipeline.from_model_dir(tmp_path, backend="axengine", kv_feed="rows") as pipe:
+            assert pipe.kv_feed.mode == "full"
+            assert "float32 in shape group 1 but bfloat16" in pipe.kv_feed.reason
+            assert len(tokens(pipe, n=4)) == 4

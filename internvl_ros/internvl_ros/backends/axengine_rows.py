@@ -169,9 +169,9 @@ class CmmRows(_RowsIO):
         if offset + n > buf.nSize:
             raise IndexError(f"write of {n} bytes at {offset} past input buffer {index} "
                              f"({buf.nSize} bytes)")
-        dst = self._ffi.cast("char *", buf.pVirAddr) + offset
+        dst = self._ffi.cast("void *", self._ffi.cast("char *", buf.pVirAddr) + offset)
         self._ffi.memmove(dst, self._ffi.cast("void *", array.ctypes.data), n)
-        self._flush(buf.phyAddr + offset, dst, n)
+        self._flush(buf.phyAddr + offset, dst, n)  # as run() does, on this range only
         self.bytes_written += n
 
     def _execute(self, group: int) -> int:
@@ -237,7 +237,7 @@ class AxclRows(_RowsIO):
         if offset + n > size:
             raise IndexError(f"write of {n} bytes at {offset} past input buffer {index} "
                              f"({size} bytes)")
-        dst = self._ffi.cast("char *", base) + offset
+        dst = self._ffi.cast("void *", self._ffi.cast("char *", base) + offset)
         ret = self._memcpy(dst, self._ffi.cast("void *", array.ctypes.data), n, self._h2d)
         if ret != 0:
             raise RuntimeError(f"axclrtMemcpy to input {index} failed (0x{ret & 0xFFFFFFFF:08x})")
