@@ -80,11 +80,13 @@ def _io_signature(nodes) -> dict:
 
 
 class LanguageModel:
-    """Decoder layers + post + token embeddings, with a KV cache."""
+    """Decoder layers + post + token embeddings, with a KV cache. `kv_feed` (core/kvfeed.py)
+    defaults to "full" here, so that a directly built LanguageModel runs every layer through
+    `session.run()`; Pipeline (what users and the node build) defaults to "auto"."""
 
     def __init__(self, layers: Sequence, post, embeddings: np.ndarray, config: ModelConfig,
                  max_context: int | None = None, prefill_chunk: int = 128,
-                 kv_feed: str = "auto", kv_verify_first: int = VERIFY_FIRST,
+                 kv_feed: str = "full", kv_verify_first: int = VERIFY_FIRST,
                  kv_verify_every: int = VERIFY_EVERY):
         if not layers:
             raise ShapeMismatchError("no decoder layer sessions")
