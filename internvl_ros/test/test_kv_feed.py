@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 
 import numpy as np
 import pytest
@@ -162,6 +163,26 @@ def test_door_checks_the_internals_it_needs(tiny_axera):
         outs = [sess.get_outputs(g) for g in groups]
         rows, what = open_rows(sess, "AxEngineExecutionProvider", ins, outs)
         assert rows is not None and rows.layout == "axe-cmm", what
+        # one persistent buffer per input, sized for the largest group (K_cache: decode)
+        k_buf = sess._sess._io[0].pInputs[0]
+        assert k_buf.nSize == 511 * 32 * 2
+        assert sess._sess._io[0].pInputs[4].nSize == 128 * 512 * 2  # mask of the last slice
+        # only flushed bytes reach the NPU: a write without a flush is not seen
+        rng = np.random.default_rng(0)
+        feed = {n.name: rng.normal(size=n.shape).astype(n.dtype) for n in ins[0]}
+        feed["indices"] = np.full((1, 1), 5, np.uint32)
+        feed["mask"][:] = 0
+        before = sess.run(None, feed, shape_group=0)
+        junk = np.full(32, 7.0, fake_axengine.BF16)
+        ffi = sys.modules["axengine._axe_capi"].engine_cffi
+        ffi.memmove(ffi.cast("char *", k_buf.pVirAddr) + 64, ffi.cast("void *", junk.ctypes.data),
+                    junk.nbytes)
+        small = {k: v for k, v in feed.items() if k not in ("K_cache", "V_cache")}
+        same = rows.run(small, 0)
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(before, same, strict=True))
+        rows.write_rows("K_cache", 1, junk[None, None])  # written and flushed
+        changed = rows.run(small, 0)
+        assert changed[2].tobytes() != before[2].tobytes()  # the NPU saw the new row
         del sess._sess._io
         rows, what = open_rows(sess, "AxEngineExecutionProvider", ins, outs)
         assert rows is None and "session._io is missing" in what
@@ -298,7 +319,6 @@ def test_caption_cli_reports_the_mode_used(tiny_axera, tmp_path, capsys):
 def test_board_script_runs_unchanged(tiny_axera, tmp_path):
     """bench/board.py, as a board owner runs it, here through the double (--fake)."""
     import subprocess
-    import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[2] / "bench" / "board.py"

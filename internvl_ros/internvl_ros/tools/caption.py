@@ -2,6 +2,7 @@
 
     internvl-caption --model-dir DIR --image a.jpg --prompt "What is in front of the robot?"
     internvl-caption --model-dir AXERA_ROOT --backend axengine --image a.jpg --prompt ... --stream
+    internvl-caption --model-dir AXERA_ROOT --backend axengine --kv-feed rows --json ...
     internvl-caption --model-dir DIR --video clip.mp4 --prompt ... --json
 
 --video samples as many frames as fit the model's prompt limit, at most 8 (256 image tokens
