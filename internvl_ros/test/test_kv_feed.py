@@ -343,3 +343,52 @@ def test_prefill_groups_in_another_dtype_stay_full(tmp_path):
             assert pipe.kv_feed.mode == "full"
             assert "float32 in shape group 1 but bfloat16" in pipe.kv_feed.reason
             assert len(tokens(pipe, n=4)) == 4
+
+
+def test_stale_rows_follow_the_cache():
+    """The feeder writes exactly the rows the host cache changed since the buffers got them:
+    what a prefill that keeps a cached prefix and continues at row N relies on."""
+    from internvl_ros.core.kvcache import KVCache
+    from internvl_ros.core.kvfeed import KVFeeder
+
+    bf16 = fake_axengine.BF16
+
+    class RowsIO:
+        dtype = {"K_cache": bf16, "V_cache": bf16}
+
+        def __init__(self):
+            self.writes = []
+
+        def write_rows(self, name, start, rows):
+            self.writes.append((name, start, rows.shape[1]))
+
+        def run(self, feed, group):
+            return [np.zeros(1)]
+
+    class Layer:
+        def __init__(self):
+            self.kv_rows, self.kv_rows_reason = RowsIO(), "test layout"
+
+    layers = [Layer(), Layer()]
+    cache = KVCache(2, 100, 4, bf16)
+    feeder = KVFeeder(layers, cache, "auto", verify_first=0, verify_every=0)
+    assert feeder.mode == "rows" and feeder.stale == [[(0, 100)], [(0, 100)]]
+    io = layers[0].kv_rows
+
+    def run(rows):
+        io.writes.clear()
+        feeder.run(0, {"K_cache": None, "V_cache": None}, 0, rows, lambda: 1 / 0)
+        return [(s, n) for name, s, n in io.writes if name == "K_cache"]
+
+    assert run(100) == [(0, 100)]  # fresh buffers: everything once
+    assert run(100) == []
+    rows = np.ones((1, 3, 4), bf16)
+    cache.write(0, 10, rows, rows)
+    cache.write(0, 13, rows[:, :1], rows[:, :1])  # adjacent: merged
+    cache.write(0, 50, rows[:, :1], rows[:, :1])
+    assert feeder.stale[0] == [(10, 14), (50, 51)] and feeder.stale[1] == []
+    assert run(12) == [(10, 2)]  # a group reading 12 rows gets rows 10, 11 only
+    assert feeder.stale[0] == [(12, 14), (50, 51)]
+    assert run(100) == [(12, 2), (50, 1)]
+    cache.reset(clear=True)  # zeroed rows must be written again, in every layer
+    assert feeder.stale == [[(0, 51)], [(0, 51)]]

@@ -11,9 +11,9 @@
 - `auto` (default): `rows` where the sessions offer it and the self-check passes, `full`
   otherwise.
 
-The host `KVCache` stays the source of truth. Per layer, `stale[layer, row]` marks the rows
-whose host bytes the input buffer may not hold: all rows at first (fresh buffers hold garbage),
-then every row the cache writes or zeroes (the cache calls `rows_changed`). So a prefill that
+The host `KVCache` stays the source of truth. Per layer, `stale[layer]` lists the row ranges
+whose host bytes the input buffers may not hold: all rows at first (fresh buffers hold garbage),
+then every range the cache writes or zeroes (the cache calls `rows_changed`). So a prefill that
 keeps the first N cached rows and continues at row N rewrites only rows from N on, and a full
 feed can run at any time.
 
@@ -29,8 +29,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-
-import numpy as np
 
 from .errors import ConfigError
 
@@ -85,7 +83,8 @@ class KVFeeder:
         self.stale = None
         self.mode, self.reason = self._choose(layers, fixed)
         if self.mode == "rows":
-            self.stale = np.ones((len(layers), cache.max_ctx), dtype=bool)  # (layers, rows)
+            # per layer: sorted, disjoint [start, stop) row ranges the buffers may not hold
+            self.stale = [[(0, cache.max_ctx)] for _ in layers]
             cache.listeners.append(self.rows_changed)
         level = logging.WARNING if requested == "rows" and self.mode != "rows" else logging.INFO
         log.log(level, "kv_feed: %s (%s)", self.mode, self.reason)
@@ -117,8 +116,21 @@ class KVFeeder:
 
     def rows_changed(self, layer: int | None, start: int, stop: int) -> None:
         """The host cache rewrote rows [start, stop) of `layer` (None: of every layer)."""
-        if self.stale is not None:
-            self.stale[slice(None) if layer is None else layer, start:stop] = True
+        if self.stale is None or stop <= start:
+            return
+        for i in range(len(self.stale)) if layer is None else (layer,):
+            self._mark(i, start, stop)
+
+    def _mark(self, index: int, start: int, stop: int) -> None:
+        merged = []
+        for a, b in self.stale[index]:
+            if b < start or a > stop:  # disjoint and not adjacent
+                merged.append((a, b))
+            else:
+                start, stop = min(a, start), max(b, stop)
+        merged.append((start, stop))
+        merged.sort()
+        self.stale[index] = merged
 
     def begin(self, kind: str, where: int) -> None:
         """Start a decode step (`where` = its position) or a prefill slice (its first row)."""
@@ -153,7 +165,7 @@ class KVFeeder:
             if rows == 0:  # the dummy (1, 1, kv_dim) cache: write it as the full feed does
                 for name in ROW_INPUTS:
                     io.write_rows(name, 0, feed[name])
-                self.stale[index, 0] = True  # the buffer's row 0 is the dummy, not the cache
+                self._mark(index, 0, 1)  # the buffer's row 0 is the dummy, not the cache
             else:
                 self._sync(index, io, rows)
             out = io.run({k: v for k, v in feed.items() if k not in ROW_INPUTS}, group)
@@ -163,8 +175,6 @@ class KVFeeder:
         if not self._verifying:
             return out
         full = run_full()
-        if rows == 0:
-            self.stale[index, 0] = True
         same = len(out) == len(full) and all(
             a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
             for a, b in zip(out, full, strict=False))
@@ -174,18 +184,21 @@ class KVFeeder:
 
     def _sync(self, index: int, io, rows: int) -> None:
         """Write the stale rows among [0, rows) of layer `index` into its input buffers."""
-        stale = self.stale[index, :rows]
-        if not stale.any():
+        ranges = self.stale[index]
+        if not ranges or ranges[0][0] >= rows:
             return
-        idx = np.flatnonzero(stale)
-        cut = np.flatnonzero(np.diff(idx) > 1)
-        starts = np.concatenate([idx[:1], idx[cut + 1]])
-        stops = np.concatenate([idx[cut], idx[-1:]]) + 1
         k, v = self.cache.k, self.cache.v
-        for a, b in zip(starts.tolist(), stops.tolist(), strict=True):
-            io.write_rows("K_cache", a, k[index, :, a:b])  # (1, b - a, kv_dim)
-            io.write_rows("V_cache", a, v[index, :, a:b])
-        stale[:] = False
+        keep = []
+        for a, b in ranges:
+            if a >= rows:
+                keep.append((a, b))
+                continue
+            end = min(b, rows)
+            io.write_rows("K_cache", a, k[index, :, a:end])  # (1, end - a, kv_dim)
+            io.write_rows("V_cache", a, v[index, :, a:end])
+            if b > end:
+                keep.append((end, b))
+        self.stale[index] = keep
 
     def _switch_to_full(self, index: int, what: str) -> None:
         self.mode = "full"
