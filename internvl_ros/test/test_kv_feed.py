@@ -386,9 +386,9 @@ def test_stale_rows_follow_the_cache():
     cache.write(0, 10, rows, rows)
     cache.write(0, 13, rows[:, :1], rows[:, :1])  # adjacent: merged
     cache.write(0, 50, rows[:, :1], rows[:, :1])
-    assert feeder.stale[0] == [(10, 14), (50, 51)] and feeder.stale[1] == []
+    assert feeder.stale[0] == [(10, 14), (50, 51)] and feeder.stale[1] == [(0, 100)]
     assert run(12) == [(10, 2)]  # a group reading 12 rows gets rows 10, 11 only
     assert feeder.stale[0] == [(12, 14), (50, 51)]
     assert run(100) == [(12, 2), (50, 1)]
     cache.reset(clear=True)  # zeroed rows must be written again, in every layer
-    assert feeder.stale == [[(0, 51)], [(0, 51)]]
+    assert feeder.stale == [[(0, 51)], [(0, 100)]]
