@@ -86,6 +86,12 @@ class _RowsIO:
             self.row_bytes[name] = int(node.shape[-1]) * np.dtype(node.dtype).itemsize
         self.dtype = {name: np.dtype(inputs[0][self._index[name]].dtype) for name in ROW_INPUTS}
         self.bytes_written = 0  # into input buffers, by this object
+        # per group, looked up once: {input: (index, shape, dtype)}, [(shape, dtype, nbytes)]
+        self._in_spec = [{n.name: (i, tuple(n.shape), np.dtype(n.dtype))
+                          for i, n in enumerate(nodes)} for nodes in inputs]
+        self._out_spec = [[(tuple(n.shape), np.dtype(n.dtype), _nbytes(n)) for n in nodes]
+                          for nodes in outputs]
+        self._needed = [sorted(set(spec) - set(ROW_INPUTS)) for spec in self._in_spec]
 
     def check(self, buffer_sizes: list[int]) -> None:
         """Same input order and row-input dtypes in every group; buffers big enough."""
@@ -113,21 +119,21 @@ class _RowsIO:
 
     def run(self, feed: dict[str, np.ndarray], shape_group: int) -> list[np.ndarray]:
         """Write the given inputs whole, then run the group on the buffers as they are."""
-        nodes = self._inputs[shape_group]
+        spec = self._in_spec[shape_group]
         for name, arr in feed.items():
-            node = nodes[self._index[name]]
-            assert list(node.shape) == list(arr.shape) and np.dtype(node.dtype) == arr.dtype, (
-                f"model inputs({name}) expect shape {node.shape} and dtype {node.dtype}, "
+            index, shape, dtype = spec[name]
+            assert shape == arr.shape and dtype == arr.dtype, (
+                f"model inputs({name}) expect shape {shape} and dtype {dtype}, "
                 f"however gets input with shape {arr.shape} and dtype {arr.dtype}")
-            self._write(self._index[name], 0, np.ascontiguousarray(arr))
-        missing = [n.name for n in nodes if n.name not in feed and n.name not in ROW_INPUTS]
-        if missing:
+            self._write(index, 0, np.ascontiguousarray(arr))
+        if len(feed) != len(self._needed[shape_group]):
+            missing = [n for n in self._needed[shape_group] if n not in feed]
             raise ValueError(f"rows run: inputs {missing} were not given")
         ret = self._execute(shape_group)
         if ret != 0:
             raise RuntimeError(f"running shape group {shape_group} failed "
                                f"(0x{ret & 0xFFFFFFFF:08x})")
-        return [self._read(i, node) for i, node in enumerate(self._outputs[shape_group])]
+        return [self._read(i, *out) for i, out in enumerate(self._out_spec[shape_group])]
 
     def release(self) -> str:
         """Free what pyaxengine leaves allocated at close; returns what was done."""
@@ -179,11 +185,10 @@ class CmmRows(_RowsIO):
             return self._run_group(self._handle[0], self._context[0], group, self._io)
         return self._run_one(self._handle[0], self._context[0], self._io)
 
-    def _read(self, index: int, node) -> np.ndarray:
-        buf, n = self._outs[index], _nbytes(node)
+    def _read(self, index: int, shape: tuple, dtype, n: int) -> np.ndarray:
+        buf = self._outs[index]
         self._invalidate(buf.phyAddr, buf.pVirAddr, n)  # only the bytes read, not the buffer
-        raw = self._ffi.buffer(buf.pVirAddr, n)
-        return np.frombuffer(raw, dtype=node.dtype).reshape(node.shape).copy()
+        return np.frombuffer(self._ffi.buffer(buf.pVirAddr, n), dtype=dtype).reshape(shape).copy()
 
     def release(self) -> str:
         """pyaxengine never frees its CMM buffers; after its handle is destroyed, free them."""
@@ -248,9 +253,9 @@ class AxclRows(_RowsIO):
             self._set_ctx(self._thread_ctx[0])
         return self._exec(self._model_id[0], self._context_id[0], group, self._io[0])
 
-    def _read(self, index: int, node) -> np.ndarray:
+    def _read(self, index: int, shape: tuple, dtype, n: int) -> np.ndarray:
         base, _ = self._outs[index]
-        out = np.empty(node.shape, dtype=node.dtype)
+        out = np.empty(shape, dtype=dtype)
         ret = self._memcpy(self._ffi.cast("void *", out.ctypes.data), base, out.nbytes,
                            self._d2h)
         if ret != 0:
