@@ -72,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)  # also when started with SIGINT ignored
     try:
         backend = make_backend(args, ros_args)
     except Exception as e:  # a model dir that does not load, rclpy that cannot start

@@ -44,6 +44,7 @@ class OfflineBackend:
         self._images_lock = threading.Lock()
         self._n_uploads = 0
         self._busy = threading.Lock()
+        self._gen = None  # the running Generation
         self._history = History()
         self._stats = {"answers": 0, "failed": 0, "cancelled": 0, "last_ttft_s": 0.0,
                        "last_tokens_per_s": 0.0, "last_error": ""}
@@ -100,21 +101,23 @@ class OfflineBackend:
 
     # ------------------------------------------------------------------ asking
 
-    def start_ask(self, prompt: str, source: str | None) -> Ask:
+    def start_ask(self, prompt: str, source: str | None, max_new_tokens: int = 0) -> Ask:
         ask = Ask(prompt)
         img = self._image(source)
         if not self._busy.acquire(blocking=False):
             ask.finish(False, "busy: another answer is being generated; wait for it or cancel it")
             return ask
-        threading.Thread(target=self._run, args=(ask, img), daemon=True,
+        n = max_new_tokens or self.max_new_tokens
+        threading.Thread(target=self._run, args=(ask, img, n), daemon=True,
                          name=f"ask-{ask.id}").start()
         return ask
 
-    def _run(self, ask: Ask, img: _Image) -> None:
+    def _run(self, ask: Ask, img: _Image, max_new_tokens: int) -> None:
         try:
-            config = GenerationConfig(max_new_tokens=self.max_new_tokens)
+            config = GenerationConfig(max_new_tokens=max_new_tokens)
             gen = self._pipe.generate(ask.prompt, images=[img.rgb],
                                       system_prompt=self.system_prompt, config=config)
+            self._gen = gen
             ask.set_canceller(gen.cancel)
             text = ""
             for step in gen:
@@ -135,6 +138,7 @@ class OfflineBackend:
         except Exception as e:  # a bug: report it to the page, keep serving
             self._fail(ask, f"internal error: {type(e).__name__}: {e}")
         finally:
+            self._gen = None
             self._busy.release()
 
     def _fail(self, ask: Ask, message: str) -> None:
@@ -143,7 +147,11 @@ class OfflineBackend:
         ask.finish(False, message)
 
     def close(self) -> None:
-        self._pipe.close()
+        gen = self._gen
+        if gen is not None:
+            gen.close()  # stops before the next token
+        if self._busy.acquire(timeout=10.0):  # never close the sessions under a running step
+            self._pipe.close()
 
 
 def _fmt(v) -> str:

@@ -341,7 +341,7 @@ class RosBackend:
                 self._action_clients[fqn] = client
         return client
 
-    def start_ask(self, prompt: str, source: str | None) -> Ask:
+    def start_ask(self, prompt: str, source: str | None, max_new_tokens: int = 0) -> Ask:
         from internvl_ros_interfaces.action import Describe
 
         ask = Ask(prompt)
@@ -378,7 +378,8 @@ class RosBackend:
             handle.get_result_async().add_done_callback(on_result)
             ask.set_canceller(handle.cancel_goal_async)
 
-        client.send_goal_async(Describe.Goal(prompt=prompt),
+        goal = Describe.Goal(prompt=prompt, max_new_tokens=max_new_tokens)
+        client.send_goal_async(goal,
                                feedback_callback=on_feedback).add_done_callback(on_goal)
         return ask
 

@@ -8,7 +8,8 @@ Routes (nothing else answers; no URL maps to a file, so no path reaches the host
     GET  /api/frame?source=ID     the latest frame of a source, downscaled, as JPEG (204: none yet)
     GET  /api/history?after=N     captions with a sequence number above N
     GET  /api/status              the status panel
-    POST /api/ask                 {"prompt", "source"} -> NDJSON lines: started, delta..., done
+    POST /api/ask                 {"prompt", "source", "max_new_tokens"} -> NDJSON lines:
+                                  started, delta..., done
     POST /api/cancel              {"id"}
     POST /api/upload              the image bytes (offline mode) -> {"source"}
 
@@ -46,6 +47,7 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' 
        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 MAX_JSON_BODY = 64 * 1024
 MAX_PROMPT_CHARS = 8000
+MAX_NEW_TOKENS = 2048  # the node's max_new_tokens range
 DRAIN_LIMIT = 64 * 1024 * 1024  # an over-large upload is read and dropped up to this, then cut
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 ASK_TIMEOUT_S = 900.0
@@ -168,7 +170,8 @@ class Backend(Protocol):
         """(JPEG bytes, {"width", "height", "label", ...}) of the latest frame, or None.
         Raises ConsoleError for an unknown source or a frame that cannot be shown."""
 
-    def start_ask(self, prompt: str, source: str | None) -> Ask: ...
+    def start_ask(self, prompt: str, source: str | None, max_new_tokens: int = 0) -> Ask:
+        """Start answering; ``max_new_tokens`` 0 is the backend's default."""
 
     def history(self, after: int) -> list[dict]:
         """Captions with ``seq > after``, oldest first."""
@@ -379,7 +382,8 @@ class ConsoleHandler(BaseHTTPRequestHandler):
         elif url.path == "/api/info":
             self._json({**backend.info(), "mode": backend.mode,
                         "max_upload_bytes": self.server.max_upload_bytes,
-                        "max_prompt_chars": MAX_PROMPT_CHARS})
+                        "max_prompt_chars": MAX_PROMPT_CHARS,
+                        "max_new_tokens": MAX_NEW_TOKENS})
         elif url.path == "/api/sources":
             self._json(backend.sources())
         elif url.path == "/api/frame":
@@ -427,13 +431,18 @@ class ConsoleHandler(BaseHTTPRequestHandler):
     def _ask(self, body: dict) -> None:
         prompt = body.get("prompt", "")
         source = body.get("source")
+        max_new_tokens = body.get("max_new_tokens") or 0
         if not isinstance(prompt, str) or not isinstance(source, str | None):
             raise ConsoleError(HTTPStatus.BAD_REQUEST, "prompt and source must be strings")
+        if (not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool)
+                or not 0 <= max_new_tokens <= MAX_NEW_TOKENS):
+            raise ConsoleError(HTTPStatus.BAD_REQUEST,
+                               f"max_new_tokens must be an integer from 0 to {MAX_NEW_TOKENS}")
         if len(prompt) > MAX_PROMPT_CHARS:
             raise ConsoleError(HTTPStatus.BAD_REQUEST,
                                f"the prompt has {len(prompt)} characters; at most "
                                f"{MAX_PROMPT_CHARS}")
-        ask = self.server.backend.start_ask(prompt, source)
+        ask = self.server.backend.start_ask(prompt, source, max_new_tokens)
         with self.server.asks_lock:
             self.server.asks[ask.id] = ask
         try:

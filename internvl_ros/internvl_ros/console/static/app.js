@@ -156,7 +156,10 @@ async function ask(event) {
   $("ask-state").textContent = "asking…";
   let done = null;
   try {
-    const r = await postJSON("/api/ask", { prompt, source: state.source });
+    const maxTokens = parseInt($("max-tokens").value, 10);
+    const r = await postJSON("/api/ask", {
+      prompt, source: state.source, max_new_tokens: maxTokens > 0 ? maxTokens : 0,
+    });
     if (!r.ok) {
       const body = await r.json().catch(() => ({}));
       throw new Error(body.error || `HTTP ${r.status}`);
@@ -309,6 +312,7 @@ async function init() {
     if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) $("ask-form").requestSubmit();
   });
   $("prompt").maxLength = state.info.max_prompt_chars;
+  $("max-tokens").max = state.info.max_new_tokens;
   await refreshSources();
   poll(refreshSources, 2000);
   poll(pollHistory, POLL_MS);
