@@ -59,7 +59,7 @@ async function refreshSources() {
   try {
     data = await getJSON("/api/sources");
   } catch (e) {
-    return;
+    return; // the server may be restarting: keep the list
   }
   const select = $("source");
   const ids = data.sources.map((s) => s.id);
@@ -285,6 +285,14 @@ async function pollStatus() {
   $("status-values").replaceChildren(...rows);
 }
 
+async function sourcesLoop() {
+  for (;;) {
+    // look again soon while the node has no image topic yet, then every 2 s
+    await sleep($("source").options.length ? 2000 : 500);
+    await refreshSources();
+  }
+}
+
 async function poll(fn, period) {
   for (;;) {
     try {
@@ -314,7 +322,7 @@ async function init() {
   $("prompt").maxLength = state.info.max_prompt_chars;
   $("max-tokens").max = state.info.max_new_tokens;
   await refreshSources();
-  poll(refreshSources, 2000);
+  sourcesLoop();
   poll(pollHistory, POLL_MS);
   poll(pollStatus, POLL_MS);
   frameLoop();
