@@ -61,7 +61,7 @@ def make_backend(args: argparse.Namespace, ros_args: list[str]):
                               max_new_tokens=args.max_new_tokens)
     from .ros_backend import RosBackend
 
-    return RosBackend(args.node, ros_args=["--ros-args", *ros_args[1:]] if ros_args else None,
+    return RosBackend(args.node, ros_args=["internvl-console", *ros_args],
                       preview_width=args.preview_width)
 
 

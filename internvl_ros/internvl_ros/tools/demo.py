@@ -177,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "internvl-console`, then open http://127.0.0.1:8080/ (Ctrl-C here stops)")
             return subprocess.call(["internvl-bag-replay", str(bag), "--topic", topic, "--loop",
                                     "--continuous", "--quiet", "--timeout", str(args.timeout)])
-        log("done")
+        log("done (KEEP_RUNNING=1 make demo keeps the node up, to watch it with internvl-console)")
         return 0
     except KeyboardInterrupt:
         interrupted = True
