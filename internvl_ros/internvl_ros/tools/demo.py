@@ -175,8 +175,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.keep_running:
             log("the node keeps running and the bag loops; in another shell: `source env.sh && "
                 "internvl-console`, then open http://127.0.0.1:8080/ (Ctrl-C here stops)")
-            return subprocess.call(["internvl-bag-replay", str(bag), "--topic", topic, "--loop",
-                                    "--continuous", "--quiet", "--timeout", str(args.timeout)])
+            loop = subprocess.Popen(["internvl-bag-replay", str(bag), "--topic", topic, "--loop",
+                                     "--continuous", "--quiet", "--timeout", str(args.timeout)])
+            try:
+                return loop.wait()
+            finally:  # also on SIGTERM, which only this process receives
+                if loop.poll() is None:
+                    loop.send_signal(signal.SIGINT)
+                    loop.wait()
         log("done (KEEP_RUNNING=1 make demo keeps the node up, to watch it with internvl-console)")
         return 0
     except KeyboardInterrupt:
