@@ -227,16 +227,28 @@ def test_history_grows_with_action_and_continuous_captions(page, ros):
 
 
 def test_cancel_stops_a_long_answer(page, ros):
+    """Cancel while the answer streams. The tiny model writes 1500 tokens in about a second
+    here, so a click can lose the race on a loaded machine: then (finish eos/length/context)
+    try again; a cancel that never works fails."""
     open_console(page, ros["console"].url)
+    finishes = []
+    for _ in range(5):
+        ask(page, PROMPT, max_tokens=1500, wait=False)
+        wait_js(page, f"{q('answer')}.textContent.length > 0")
+        page.get_by_test_id("cancel").click()
+        page.wait_for_selector("[data-testid=answer][data-state=done]")
+        finishes.append(page.get_by_test_id("finish").text_content())
+        if finishes[-1] == "cancelled":
+            break
+    assert finishes[-1] == "cancelled", f"never cancelled in time: {finishes}"
+    assert 1 <= int(page.get_by_test_id("tokens").text_content()) < 1500
+    assert page.get_by_test_id("answer").text_content()  # the partial text stays
+    assert page.get_by_test_id("send").is_enabled()
+    # cancel before the question even started streaming
     ask(page, PROMPT, max_tokens=1500, wait=False)
-    wait_js(
-        page, "document.querySelector('[data-testid=answer]').textContent.length > 0")
-    assert page.get_by_test_id("answer").get_attribute("data-state") == "streaming"
     page.get_by_test_id("cancel").click()
     page.wait_for_selector("[data-testid=answer][data-state=done]")
     assert page.get_by_test_id("finish").text_content() == "cancelled"
-    assert 1 <= int(page.get_by_test_id("tokens").text_content()) < 1500
-    assert page.get_by_test_id("send").is_enabled()
     # the node is free again
     ask(page, PROMPT)
     assert page.get_by_test_id("finish").text_content() in ("eos", "length")

@@ -33,6 +33,7 @@ IMAGE_TYPES = {"sensor_msgs/msg/Image": "Image",
                "sensor_msgs/msg/CompressedImage": "CompressedImage"}
 IDLE_UNSUBSCRIBE_S = 10.0
 DIAG_STALE_S = 5.0
+SERVER_LOST_S = 5.0
 MAX_FRAME_DIM = 16384
 LEVELS = {0: "OK", 1: "WARN", 2: "ERROR", 3: "STALE"}
 
@@ -132,6 +133,8 @@ class RosBackend:
         self._action_clients: dict[str, object] = {}
         self._diags: dict[str, tuple[object, float]] = {}
         self._spin_errors = 0
+        self._pending: dict[str, tuple[Ask, str]] = {}  # questions in flight: (ask, node)
+        self._server_lost: dict[str, float] = {}  # node -> when its action server went away
         self._node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, 10)
         self._wake = self._node.create_guard_condition(self._tick)
         self._node.create_timer(1.0, self._tick)
@@ -176,6 +179,23 @@ class RosBackend:
             self._sources = sources
         self._ensure_caption_sub()
         self._maintain_frame_subs({s["id"]: s for s in sources})
+        self._fail_orphaned_asks()
+
+    def _fail_orphaned_asks(self) -> None:
+        """Questions whose node went away (crashed, stopped) fail after SERVER_LOST_S, rather
+        than waiting for a result that cannot come."""
+        with self._lock:
+            pending = list(self._pending.items())
+        now = time.monotonic()
+        for key, (ask, fqn) in pending:
+            if ask.finished:
+                with self._lock:
+                    self._pending.pop(key, None)
+            elif self._action(fqn).server_is_ready():
+                self._server_lost.pop(fqn, None)
+            elif now - self._server_lost.setdefault(fqn, now) > SERVER_LOST_S:
+                ask.finish(False, f"the describe action server of {fqn} went away before it "
+                                  "answered (did the node stop?)")
 
     def _ensure_caption_sub(self) -> None:
         topic = f"{self.fqn}/caption_stamped"
@@ -379,6 +399,8 @@ class RosBackend:
             ask.set_canceller(handle.cancel_goal_async)
 
         goal = Describe.Goal(prompt=prompt, max_new_tokens=max_new_tokens)
+        with self._lock:
+            self._pending[ask.id] = (ask, fqn)
         client.send_goal_async(goal,
                                feedback_callback=on_feedback).add_done_callback(on_goal)
         return ask

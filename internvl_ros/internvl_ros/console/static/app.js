@@ -10,7 +10,8 @@ const state = {
   info: null,
   source: null, // selected image source id
   userPicked: false, // the user chose a source: do not follow the default any more
-  ask: null, // id of the question in flight
+  ask: null, // id of the question in flight ("" until the server named it)
+  cancelPending: false, // cancel was pressed before the question had an id
   historyAfter: 0,
   frameUrl: null,
 };
@@ -150,6 +151,7 @@ async function ask(event) {
   if (state.ask !== null) return;
   const prompt = $("prompt").value;
   state.ask = "";
+  state.cancelPending = false;
   setAsking(true);
   for (const id of ["answer", "message", "ttft", "tps", "tokens", "finish"]) $(id).textContent = "";
   $("asked").textContent = prompt ? `Q: ${prompt}` : "Q: (the node's default prompt)";
@@ -196,6 +198,7 @@ function onEvent(ev) {
   if (ev.event === "started") {
     state.ask = ev.id;
     $("ask-state").textContent = "waiting for the first token…";
+    if (state.cancelPending) cancel();
   } else if (ev.event === "delta") {
     $("answer").textContent = ev.text;
     $("tokens").textContent = String(ev.tokens);
@@ -213,7 +216,12 @@ function onEvent(ev) {
 }
 
 async function cancel() {
-  if (!state.ask) return;
+  if (state.ask === null) return;
+  if (state.ask === "") { // not started yet: cancel as soon as it is
+    state.cancelPending = true;
+    return;
+  }
+  state.cancelPending = false;
   $("ask-state").textContent = "cancelling…";
   await postJSON("/api/cancel", { id: state.ask }).catch(() => null);
 }
