@@ -474,3 +474,39 @@ def test_image_sources_from_the_graph():
 def test_diagnostic_level_names():
     assert level_name(b"\x00") == "OK" and level_name(b"\x01") == "WARN"
     assert level_name(2) == "ERROR" and level_name(b"\x03") == "STALE" and level_name(9) == "9"
+
+
+def test_frames_are_converted_downscaled_and_bad_ones_reported():
+    """What the live view does with a received frame: deserialize, convert any encoding the node
+    reads (raw or compressed), downscale to the preview width, JPEG; a bad frame is a message."""
+    from types import SimpleNamespace
+
+    from rclpy.serialization import serialize_message
+    from sensor_msgs.msg import CompressedImage, Image
+
+    from internvl_ros.console.ros_backend import RosBackend, _FrameSub
+    from internvl_ros.console.server import ConsoleError
+
+    rgb = np.zeros((960, 1280, 3), np.uint8)
+    rgb[:, :640] = (255, 0, 0)  # left half red
+    raw = Image(height=960, width=1280, encoding="bgr8", step=1280 * 3)
+    raw.data = rgb[..., ::-1].tobytes()
+    raw.header.stamp.sec, raw.header.frame_id = 12, "cam"
+    ok, jpg = cv2.imencode(".jpg", rgb[..., ::-1])
+    comp = CompressedImage(format="jpeg")
+    comp.data = jpg.tobytes()
+    fake = SimpleNamespace(preview_width=320)
+    for msg, cls, enc in ((raw, Image, "bgr8"), (comp, CompressedImage, "jpeg")):
+        fs = _FrameSub("/cam", cls, None)
+        jpeg, meta = RosBackend._convert(fake, fs, serialize_message(msg))
+        img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)  # BGR
+        assert img.shape == (240, 320, 3)
+        assert img[120, 40, 2] > 200 and img[120, 40, 0] < 60  # still red on the left
+        assert (meta["width"], meta["height"], meta["encoding"]) == (1280, 960, enc)
+    assert meta["stamp"] == 0 and RosBackend._convert(
+        fake, _FrameSub("/cam", Image, None), serialize_message(raw))[1]["stamp"] == 12
+    bad = CompressedImage(format="jpeg")
+    bad.data = jpg.tobytes()[:-100]  # truncated
+    with pytest.raises(ConsoleError, match="cannot be shown.*truncated"):
+        RosBackend._convert(fake, _FrameSub("/cam", CompressedImage, None),
+                            serialize_message(bad))
