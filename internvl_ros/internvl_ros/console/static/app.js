@@ -80,6 +80,7 @@ async function refreshSources() {
 }
 
 function onSourcePicked() {
+  $("upload-message").textContent = "";
   state.source = $("source").value;
   state.userPicked = true;
 }
@@ -232,12 +233,14 @@ async function upload() {
   const file = $("upload").files[0];
   if (!file) return;
   const limit = state.info.max_upload_bytes;
+  const say = (text) => { $("upload-message").textContent = text; };
   if (file.size > limit) {
-    setFrameInfo(`${file.name} is ${(file.size / 1e6).toFixed(1)} MB; the console accepts at ` +
+    say(`${file.name} is ${(file.size / 1e6).toFixed(1)} MB; the console accepts at ` +
       `most ${(limit / 1e6).toFixed(1)} MB`);
+    $("upload").value = "";
     return;
   }
-  setFrameInfo(`uploading ${file.name}…`);
+  say("");
   try {
     const r = await fetch("/api/upload", {
       method: "POST",
@@ -250,7 +253,7 @@ async function upload() {
     state.userPicked = true;
     await refreshSources();
   } catch (e) {
-    setFrameInfo(`${file.name}: ${e.message}`);
+    say(`${file.name}: ${e.message}`);
   } finally {
     $("upload").value = "";
   }
