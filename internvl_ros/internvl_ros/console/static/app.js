@@ -155,7 +155,8 @@ async function ask(event) {
   state.cancelPending = false;
   setAsking(true);
   for (const id of ["answer", "message", "ttft", "tps", "tokens", "finish"]) $(id).textContent = "";
-  $("asked").textContent = prompt ? `Q: ${prompt}` : "Q: (the node's default prompt)";
+  const empty = state.info.mode === "ros" ? "the node's default prompt" : "no text";
+  $("asked").textContent = prompt ? `Q: ${prompt}` : `Q: (${empty})`;
   $("ask-state").textContent = "asking…";
   let done = null;
   try {
@@ -323,6 +324,7 @@ async function init() {
   $("title").textContent = state.info.title;
   document.title = `internvl console: ${state.info.title}`;
   $("upload-box").hidden = !state.info.uploads;
+  if (state.info.mode !== "ros") $("prompt").placeholder = "Ask about the image";
   $("source").addEventListener("change", onSourcePicked);
   $("upload").addEventListener("change", upload);
   $("ask-form").addEventListener("submit", ask);
