@@ -15,11 +15,12 @@ PKG_SOURCES := $(shell find internvl_ros_interfaces -type f 2>/dev/null) \
 	$(shell find internvl_ros/internvl_ros -maxdepth 1 -type d 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: help setup build lint test demo bench bench-full clean
+.PHONY: help setup build lint test test-browser demo bench bench-full clean
 
 help:
 	@echo "make demo   set everything up and run the demo (replay a bag into the node)"
 	@echo "make test   set everything up, lint, and run the test suite"
+	@echo "make test-browser  the web console (internvl-console) in headless Chromium"
 	@echo "make setup  create .venv with pinned deps, repair the ROS wheels, colcon build"
 
 setup: $(BUILD_STAMP)
@@ -49,6 +50,15 @@ lint: $(DEPS_STAMP)
 
 test: setup lint
 	source env.sh && python -m pytest internvl_ros/test $(PYTEST_ARGS)
+
+# The web console in headless Chromium: Debian's package (installed here when missing, as root)
+# driven by Playwright (requirements/console.txt); not part of `make test`.
+test-browser: setup
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } \
+		|| { echo "test-browser needs Debian's chromium: sudo apt-get install chromium" >&2; exit 1; }
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements/console.txt
+	source env.sh && python -m pytest internvl_ros/test/browser_console.py $(PYTEST_ARGS)
 
 # MODEL_DIR=... BACKEND=axengine BAG=... TOPIC=... are read by the demo script.
 demo: setup

@@ -8,6 +8,7 @@ setup(
     name=package_name,
     version="0.1.0",
     packages=find_packages(exclude=["test"]),
+    package_data={"internvl_ros.console": ["static/*"]},
     data_files=[
         ("share/ament_index/resource_index/packages", ["resource/" + package_name]),
         ("share/" + package_name, ["package.xml"]),
@@ -28,6 +29,8 @@ setup(
             "internvl-export = internvl_ros.export.exporter:main",
             "internvl-make-tiny-model = internvl_ros.export.tiny:main",
             "internvl-bag-replay = internvl_ros.tools.bag_replay:main",
+            "internvl-console = internvl_ros.console.cli:main",
+            "console = internvl_ros.console.cli:main",  # ros2 run internvl_ros console
         ],
     },
 )

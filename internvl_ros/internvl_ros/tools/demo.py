@@ -67,7 +67,7 @@ def _pump(stream, prefix: str) -> None:
 
 
 def start_node(model_dir: Path, backend: str, topic: str, compressed: bool,
-               max_new_tokens: int, verbose: bool) -> subprocess.Popen:
+               max_new_tokens: int, verbose: bool, *extra: str) -> subprocess.Popen:
     params = PACKAGE_DIR / "config" / "internvl.yaml"
     cmd = [
         "internvl_node", "--ros-args",
@@ -76,7 +76,7 @@ def start_node(model_dir: Path, backend: str, topic: str, compressed: bool,
         "-p", f"backend:={backend}",
         "-p", f"max_new_tokens:={max_new_tokens}",
         "-p", f"image_transport:={'compressed' if compressed else 'raw'}",
-        "-r", f"{'image/compressed' if compressed else 'image'}:={topic}",
+        "-r", f"{'image/compressed' if compressed else 'image'}:={topic}", *extra,
     ]
     log("starting: " + " ".join(cmd))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -125,6 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=180.0)
     p.add_argument("--output", type=Path, help="also write the captions as JSON lines here")
     p.add_argument("--verbose", action="store_true", help="show the node's log")
+    p.add_argument("--keep-running", action="store_true",
+                   default=bool(os.environ.get("KEEP_RUNNING")),
+                   help="afterwards, keep the node up (a continuous caption every 5 s) and loop "
+                        "the bag until Ctrl-C, e.g. for internvl-console (env KEEP_RUNNING=1)")
     args = p.parse_args(argv)
 
     cache = default_cache()
@@ -150,7 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
 
         node = start_node(model_dir, args.backend, topic, compressed, args.max_new_tokens,
-                          args.verbose)
+                          args.verbose,
+                          *(["-p", "caption_rate_hz:=0.2"] if args.keep_running else []))
         replay_cmd = [
             "internvl-bag-replay", str(bag), "--topic", topic,
             "--describe-every", str(args.describe_every), "--prompt", args.prompt,
@@ -167,7 +172,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for line in getattr(node, "tail", []):
                     sys.stdout.write("  " + line)
             return status
-        log("done")
+        if args.keep_running:
+            log("the node keeps running and the bag loops; in another shell: `source env.sh && "
+                "internvl-console`, then open http://127.0.0.1:8080/ (Ctrl-C here stops)")
+            loop = subprocess.Popen(["internvl-bag-replay", str(bag), "--topic", topic, "--loop",
+                                     "--continuous", "--quiet", "--timeout", str(args.timeout)])
+            try:
+                return loop.wait()
+            finally:  # also on SIGTERM, which only this process receives
+                if loop.poll() is None:
+                    loop.send_signal(signal.SIGINT)
+                    loop.wait()
+        log("done (KEEP_RUNNING=1 make demo keeps the node up, to watch it with internvl-console)")
         return 0
     except KeyboardInterrupt:
         interrupted = True
