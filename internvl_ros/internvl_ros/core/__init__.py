@@ -3,6 +3,7 @@
     from internvl_ros.core import Pipeline, GenerationConfig
 """
 
+from .ask import Answer, Ask, Question
 from .errors import (
                      BackendError,
                      BusyError,
@@ -21,6 +22,7 @@ from .sampling import GenerationConfig, Sampler
 from .tokenizer import Tokenizer
 
 __all__ = [
+    "Answer", "Ask", "Question",
     "BackendError", "BusyError", "ConfigError", "DEFAULT_SYSTEM_PROMPT", "Generation",
     "GenerationConfig", "GenerationResult", "ImageDecodeError", "InternVLError", "ModelConfig",
     "ModelDir", "ModelDirError", "ModelPaths", "Pipeline", "PromptTooLongError", "Sampler",
