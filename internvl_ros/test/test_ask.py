@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tiny_pipes import Recorder, both_backends
 
 from internvl_ros.backends import fake_axengine
-from internvl_ros.core import GenerationConfig, Pipeline, Question
+from internvl_ros.core import GenerationConfig, Question
 from internvl_ros.core.errors import (
     BackendError,
     ConfigError,
@@ -18,7 +19,6 @@ from internvl_ros.core.errors import (
     PromptTooLongError,
 )
 from internvl_ros.core.framecache import EncodedFrame, FrameCache
-from internvl_ros.export.testing import tiny_model_dirs
 
 QUESTIONS = ["Describe the image.",
              Question("Is the door open?", choices=("yes", "no", "not sure")),
@@ -26,32 +26,10 @@ QUESTIONS = ["Describe the image.",
 CFG = GenerationConfig(max_new_tokens=10)
 
 
-class Recorder:
-    """Wraps a layer Session; records (shape group, rows of 'input') of every run."""
-
-    def __init__(self, session):
-        self._s = session
-        self.calls = []
-
-    def __getattr__(self, name):
-        return getattr(self._s, name)
-
-    def run(self, output_names, feed, shape_group=0):
-        self.calls.append((shape_group, feed["input"].shape[1], feed["mask"].shape[-1]))
-        return self._s.run(output_names, feed, shape_group=shape_group)
-
-
 @pytest.fixture(scope="module")
 def pipes(tmp_path_factory):
-    _, onnx_dir = tiny_model_dirs("a")
-    axera = tmp_path_factory.mktemp("axera-ask")
-    fake_axengine.make_fake_axera_dir(onnx_dir, axera)
-    host = Pipeline.from_model_dir(onnx_dir, num_threads=1)
-    with fake_axengine.installed():
-        npu = Pipeline.from_model_dir(axera, backend="axengine")
-    yield {"onnxruntime": host, "axengine": npu}
-    host.close()
-    npu.close()
+    with both_backends(tmp_path_factory) as (_, pipes):
+        yield pipes
 
 
 def image(seed=0, h=200, w=260):
@@ -75,7 +53,7 @@ def test_ask_equals_separate_requests_token_for_token(pipes, backend):
         try:
             answers = pipe.ask(QUESTIONS, images=[img], config=CFG).answers
         finally:
-            pipe.llm.layers[0] = rec._s
+            pipe.llm.layers[0] = rec.inner
     assert [a.index for a in answers] == [0, 1, 2]
     for a, ref in zip(answers, refs, strict=True):
         assert a.success and a.message == "ok"
@@ -97,7 +75,8 @@ def test_ask_equals_separate_requests_token_for_token(pipes, backend):
         else:  # the question's own tokens only
             assert tm.cached_prompt_tokens == shared
     # the prefill runs of the follow-ups: what the layer was fed
-    prefills = [c for c in rec.calls if c[1] > 1 or c[0] != pipe.llm.decode_group]
+    runs = [(g, shapes["input"][1], shapes["mask"][-1]) for g, shapes in rec.calls]
+    prefills = [c for c in runs if c[1] > 1 or c[0] != pipe.llm.decode_group]
     if backend == "onnxruntime":  # rows fed = the question's tokens, past = the kept rows
         for tm, a in zip(later, answers[1:], strict=True):
             n_new = len(a.result.prompt_token_ids) - tm.cached_prompt_tokens

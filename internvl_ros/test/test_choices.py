@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tiny_pipes import both_backends
 
 from internvl_ros.backends import fake_axengine
-from internvl_ros.core import GenerationConfig, Pipeline, Tokenizer
+from internvl_ros.core import GenerationConfig, Tokenizer
 from internvl_ros.core.constraint import (
     MAX_CHOICES,
     ChoiceConstraint,
@@ -200,15 +201,8 @@ def test_sampler_with_allowed_equals_the_masked_reference(cfg):
 
 @pytest.fixture(scope="module")
 def pipes(tmp_path_factory):
-    _, onnx_dir = tiny_model_dirs("a")
-    axera = tmp_path_factory.mktemp("axera-choices")
-    fake_axengine.make_fake_axera_dir(onnx_dir, axera)
-    host = Pipeline.from_model_dir(onnx_dir, num_threads=1)
-    with fake_axengine.installed():
-        npu = Pipeline.from_model_dir(axera, backend="axengine")
-    yield {"onnxruntime": host, "axengine": npu}
-    host.close()
-    npu.close()
+    with both_backends(tmp_path_factory) as (_, pipes):
+        yield pipes
 
 
 def image(seed=0):

@@ -23,26 +23,20 @@ import functools
 
 import numpy as np
 import pytest
+from tiny_pipes import both_backends
 
 from internvl_ros.backends import fake_axengine
-from internvl_ros.core import GenerationConfig, Pipeline, Question, Tokenizer
+from internvl_ros.core import GenerationConfig, Question, Tokenizer
 from internvl_ros.core.constraint import TokenTable
-from internvl_ros.export.testing import hf_greedy, tiny_model_dirs
+from internvl_ros.export.testing import hf_greedy
 
 MAX_NEW = 12
 
 
 @pytest.fixture(scope="module", params=["a", "b"])
 def model(request, tmp_path_factory):
-    hf_dir, onnx_dir = tiny_model_dirs(request.param)
-    axera = tmp_path_factory.mktemp(f"axera-ask-{request.param}")
-    fake_axengine.make_fake_axera_dir(onnx_dir, axera)
-    host = Pipeline.from_model_dir(onnx_dir, num_threads=1)
-    with fake_axengine.installed():
-        npu = Pipeline.from_model_dir(axera, backend="axengine")
-    yield hf_dir, {"onnxruntime": host, "axengine": npu}
-    host.close()
-    npu.close()
+    with both_backends(tmp_path_factory, request.param) as model:
+        yield model
 
 
 def image(seed, h=240, w=320):
