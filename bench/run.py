@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import ask as ask_bench
 import npu_feed
 from bandwidth import measure_bandwidth
 from common import CACHE_DIR, RESULTS_DIR, run_worker, write_json
@@ -150,6 +151,9 @@ def main(argv=None) -> int:
             timeout=900, log=log)
         npu["feed"] = run_worker("npu_feed.py", "feed", dict(label="kv", tokens=8), work,
                                  timeout=900, log=log)
+        ask = {side: run_worker("ask.py", side, dict(
+            label=side, model_dir=build[PRIMARY if side == "host" else "axera"], threads=th,
+            tokens=ask_bench.ASK_TOKENS), work, timeout=900, log=log) for side in ("host", "npu")}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -167,11 +171,14 @@ def main(argv=None) -> int:
     results = derive(settings=settings, machine=machine_info(), build=build, bandwidth=bw,
                      ours=ours, hf=hf, npu=npu, agreement=agreement, study=study)
     results.update(npu_feed.summary(npu["feed"]))
+    results.update(ask_bench.derive(ask["host"], ask["npu"],
+                                     results["npu_projection"]["copy_rate_bytes_s"]))
+    results["targets"].append(results["ask_target"])
     results["total_s"] = time.perf_counter() - t_start
     results["command"] = "python bench/run.py " + " ".join(argv if argv is not None
                                                             else sys.argv[1:])
     write_json(json_path, results)
-    print(markdown(results))
+    print(markdown(results) + "\n" + ask_bench.markdown(results))
     print(npu_feed.markdown(npu["feed"]))
     log(f"wrote {json_path} ({results['total_s']:.0f} s)")
     return 0

@@ -3,6 +3,7 @@
     from internvl_ros.core import Pipeline, GenerationConfig
 """
 
+from .ask import Answer, Ask, Question
 from .errors import (
                      BackendError,
                      BusyError,
@@ -22,6 +23,7 @@ from .sampling import GenerationConfig, Sampler
 from .tokenizer import Tokenizer
 
 __all__ = [
+    "Answer", "Ask", "Question",
     "BackendError", "BusyError", "ConfigError", "DEFAULT_SYSTEM_PROMPT", "Generation",
     "GenerationConfig", "GenerationResult", "ImageDecodeError", "InternVLError", "KV_FEED_MODES",
     "KVFeedStatus", "ModelConfig",

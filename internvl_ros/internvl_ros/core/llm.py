@@ -122,6 +122,7 @@ class LanguageModel:
                              self.cache_dtype)
         self.feeder = KVFeeder(self.layers, self.cache, kv_feed, fixed=self.fixed,
                                verify_first=kv_verify_first, verify_every=kv_verify_every)
+        self.prefills = 0  # prefills started: a change means the rows were overwritten
 
     @property
     def kv_feed(self) -> KVFeedStatus:
@@ -268,15 +269,37 @@ class LanguageModel:
                 "images or frames, or use fewer tiles per image; image tokens are never "
                 "truncated")
 
-    def prefill(self, embeds: np.ndarray) -> np.ndarray:
+    def reusable_rows(self, n: int) -> int:
+        """The most leading cache rows, at most `n`, a prefill can keep (`prefill(keep=)`):
+        every filled row on the host; on the NPU only whole slices (a multiple of the chunk:
+        the prefill shape groups start at past = 0, chunk, 2 * chunk...); none when the rows
+        may be non-finite."""
+        if self.cache.tainted:
+            return 0
+        n = max(0, min(int(n), self.cache.filled))
+        return n // self.chunk * self.chunk if self.fixed else n
+
+    def prefill(self, embeds: np.ndarray, keep: int = 0) -> np.ndarray:
         """Run the prompt embeddings (L, hidden) through all layers; return the logits
-        (vocab,) of the last prompt token. Resets the cache first."""
+        (vocab,) of the last prompt token.
+
+        `keep`: the cache's first `keep` rows already hold this prompt's first `keep` tokens
+        (a shared prefix of an earlier prompt; the caller vouches for that), so only rows
+        [keep, L) run; `keep` must be < L and at most `reusable_rows(keep)`. With keep = 0 the
+        cache is reset first."""
         length = embeds.shape[0]
         self.check_prompt_length(length)
-        self.reset(clear=False)  # stale rows stay: never read (host) or masked (NPU)
+        self.prefills += 1  # the rows after `keep` change: earlier claims on them are void
+        if keep:
+            if not 0 < keep < length or self.reusable_rows(keep) != keep:
+                raise ValueError(f"prefill cannot keep {keep} rows of a {length}-token prompt "
+                                 f"(reusable: {self.reusable_rows(keep)})")
+            self.cache.filled = keep
+        else:
+            self.reset(clear=False)  # stale rows stay: never read (host) or masked (NPU)
         chunk = self.chunk
         last_hidden = None
-        for start in range(0, length, chunk):  # ceil(L / chunk) slices
+        for start in range(keep, length, chunk):  # ceil((L - keep) / chunk) slices
             n_valid = min(chunk, length - start)
             hidden = self._prefill_slice(embeds[start:start + n_valid], start)
             last_hidden = hidden[:, n_valid - 1:n_valid]  # (1, 1, hidden)

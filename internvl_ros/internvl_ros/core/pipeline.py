@@ -6,6 +6,12 @@
         print(step.text_delta, end="")
     print(gen.result.finish_reason, gen.result.timings)
     pipe.close()
+
+Several questions about one frame (the image's work done once; core/ask.py):
+
+    for answer in pipe.ask(["Is the door open?", Question("Which side?", choices=("left",
+                           "right"))], images=[rgb], frame_key=("front", stamp)):
+        print(answer.text, answer.choice_index)
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .constraint import ChoiceConstraint, TokenTable
 from .errors import BackendError, BusyError, ConfigError, ModelDirError, ShapeMismatchError
+from .framecache import DEFAULT_FRAME_CACHE_BYTES, EncodedFrame, FrameCache
 from .kvfeed import KVFeedStatus, check_kv_feed
 from .llm import LanguageModel, cast, check_max_context, run_session
 from .modeldir import ModelDir, load_model_dir
@@ -45,6 +53,8 @@ class Timings:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     image_tiles: int = 0
+    #: leading prompt tokens whose KV rows were kept from the previous request (not prefilled)
+    cached_prompt_tokens: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,11 +80,14 @@ class GenerationResult:
     timings: Timings = field(default_factory=Timings)
     #: text completed only at the end (a held-back partial UTF-8 sequence), not in any Step
     text_tail: str = ""
+    #: with `choices`: the index of the choice the text equals; -1 otherwise
+    choice_index: int = -1
 
     def to_dict(self) -> dict:
         return {"text": self.text, "token_ids": list(self.token_ids),
                 "prompt_token_ids": list(self.prompt_token_ids),
-                "finish_reason": self.finish_reason, "timings": self.timings.to_dict()}
+                "finish_reason": self.finish_reason, "choice_index": self.choice_index,
+                "timings": self.timings.to_dict()}
 
 
 class VisionModel:
@@ -126,13 +139,18 @@ class Pipeline:
     """Loaded model (tokenizer, ViT, layers, post, embeddings). One generation at a time."""
 
     def __init__(self, model_dir: ModelDir, backend, max_context: int | None = None,
-                 max_tiles: int = 1, kv_feed: str = "auto"):
+                 max_tiles: int = 1, kv_feed: str = "auto",
+                 frame_cache_bytes: int = DEFAULT_FRAME_CACHE_BYTES):
         self.model_dir = model_dir
         self.config = model_dir.config
         self.backend_name = getattr(backend, "name", str(backend))
         if isinstance(max_tiles, bool) or not isinstance(max_tiles, int) or max_tiles < 1:
             raise ConfigError(f"max_tiles={max_tiles!r} must be an integer >= 1")
         self.max_tiles = max_tiles
+        self.frames = FrameCache(frame_cache_bytes)  # encoded frames by the caller's frame key
+        self._prefix = None  # (frame, prompt ids, llm.prefills) of the prompt rows in the cache
+        self._token_table: TokenTable | None = None
+        self._constraints: dict[tuple, ChoiceConstraint] = {}
         max_context = check_max_context(max_context)
         paths = model_dir.paths
         self.tokenizer = model_dir.tokenizer or Tokenizer.from_path(
@@ -166,6 +184,7 @@ class Pipeline:
                        backend: str = "onnxruntime", provider=None,
                        num_threads: int | None = None, max_context: int | None = None,
                        max_tiles: int = 1, kv_feed: str = "auto", device_id: int | None = None,
+                       frame_cache_bytes: int = DEFAULT_FRAME_CACHE_BYTES,
                        **paths) -> Pipeline:
         """Discover and load a model dir. `paths` may override roles: config, tokenizer,
         layers, post, vit, embeddings (see core.modeldir.discover). `kv_feed` (auto, full,
@@ -175,11 +194,12 @@ class Pipeline:
 
         check_max_context(max_context)  # before anything loads
         check_kv_feed(kv_feed)
+        FrameCache(frame_cache_bytes)  # validates
         model_dir = load_model_dir(path, backend, **paths)
         impl = get_backend(backend, provider=provider, num_threads=num_threads,
                            device_id=device_id)
         return cls(model_dir, impl, max_context=max_context, max_tiles=max_tiles,
-                   kv_feed=kv_feed)
+                   kv_feed=kv_feed, frame_cache_bytes=frame_cache_bytes)
 
     # ------------------------------------------------------------------ properties
 
@@ -218,29 +238,56 @@ class Pipeline:
     def prepare(self, prompt: str, images: Sequence = (), video: bool = False,
                 system_prompt: str | None = None):
         """Preprocess images and build prompt ids: (prompt_ids, pixel_values or None)."""
-        if not isinstance(prompt, str):
-            raise ShapeMismatchError(f"prompt must be a string, got {type(prompt).__name__}")
+        frame = self._frame(images, video)
+        return self._prompt_ids(prompt, frame, system_prompt), (
+            None if frame is None else frame.pixels)  # (n_tiles, 3, S, S)
+
+    def _frame(self, images: Sequence, video: bool = False,
+               frame_key=None) -> EncodedFrame | None:
+        """The request's images as an EncodedFrame (None without images): from the frame
+        cache when `frame_key` names a frame encoded before, else preprocessed now."""
         if isinstance(images, (np.ndarray, bytes, bytearray)):
             images = [images]  # a single image
+        images = list(images or ())
+        shapes = tuple(img.shape if isinstance(img, np.ndarray) else (type(img).__name__,
+                                                                       len(img))
+                       for img in images)
+        key = None
+        if frame_key is not None and images:
+            FrameCache.check_key(frame_key)
+            key = (frame_key, bool(video), self.max_tiles)
+            hit = self.frames.get(key)
+            if hit is not None and hit.shapes == shapes:
+                return hit
         pixel_list = []
-        for i, img in enumerate(images or ()):
+        for i, img in enumerate(images):
             if isinstance(img, (bytes, bytearray, memoryview)):
                 img = decode_image(bytes(img), source=f"image {i}")
             check_rgb(img)
             tiles = 1 if video else self.max_tiles  # InternVL runs video frames as 1 tile
             pixel_list.append(preprocess_image(img, max_num=tiles, image_size=self.image_size))
-        if pixel_list and self.vision is None:
+        if not pixel_list:
+            return None
+        if self.vision is None:
             raise ModelDirError(f"no ViT model (*vit*{self.backend_ext}) was found in the model "
                                 "dir, so images cannot be used; add the ViT file or pass vit=")
-        tiles = [len(p) for p in pixel_list]
+        return EncodedFrame(tiles=tuple(len(p) for p in pixel_list), video=bool(video),
+                            shapes=shapes, pixels=np.concatenate(pixel_list), key=key)
+
+    def _prompt_ids(self, prompt: str, frame: EncodedFrame | None,
+                    system_prompt: str | None) -> list[int]:
+        """The prompt's token ids, checked against the prompt limit."""
+        if not isinstance(prompt, str):
+            raise ShapeMismatchError(f"prompt must be a string, got {type(prompt).__name__}")
+        tiles = list(frame.tiles) if frame is not None else []
+        video = frame.video if frame is not None else False
         ids = build_prompt_ids(self.tokenizer, prompt, tiles, video=video,
                                system_prompt=system_prompt, num_image_token=self.num_image_token)
         n_img = sum(tiles) * self.num_image_token
         detail = (f" ({len(ids) - n_img} text + {n_img} image tokens for {sum(tiles)} tile(s))"
                   if n_img else "")
         self.llm.check_prompt_length(len(ids), detail)
-        pixels = np.concatenate(pixel_list) if pixel_list else None  # (n_tiles, 3, S, S)
-        return ids, pixels
+        return ids
 
     def fit_frames(self, prompt: str, system_prompt: str | None = None,
                    max_frames: int = 8) -> int:
@@ -260,28 +307,99 @@ class Pipeline:
         return ".axmodel" if self.backend_name == "axengine" else ".onnx"
 
     def generate(self, prompt: str, images: Sequence = (), video: bool = False,
-                 system_prompt: str | None = None,
-                 config: GenerationConfig | None = None) -> Generation:
+                 system_prompt: str | None = None, config: GenerationConfig | None = None,
+                 frame_key=None) -> Generation:
         """Start a request; iterate the returned Generation for tokens.
 
-        Input errors (image, prompt length) raise here. Raises BusyError while another
-        generation of this pipeline is unfinished.
+        `frame_key` (hashable, e.g. (camera, stamp, arrival)) names the frame the images are:
+        a frame encoded before under that key skips preprocessing and the ViT (the frame
+        cache), and the KV rows of a prompt prefix shared with the previous request on the
+        same frame are kept. Input errors (image, prompt length, choices) raise here. Raises
+        BusyError while another generation of this pipeline is unfinished.
         """
+        t0 = time.perf_counter()
+        config = self._check_request(config)
+        frame = self._frame(images, video, frame_key)
+        return self._start(prompt, frame, system_prompt, config, t0)
+
+    def ask(self, questions: Sequence, images: Sequence = (), video: bool = False,
+            system_prompt: str | None = None, config: GenerationConfig | None = None,
+            frame_key=None):
+        """Several questions about the same images; iterate the returned `Ask` for one
+        `Answer` per question, in order (core/ask.py). The images are preprocessed once
+        (image errors raise here), encoded once by the ViT, and the KV rows of the shared
+        prefix (system prompt and image block) are computed once: each further question
+        prefills only its own tokens. `questions`: strings or `Question`s (own choices and
+        max_new_tokens); `config` holds the rest. One bad question fails its own Answer only.
+        """
+        from .ask import Ask
+
+        t0 = time.perf_counter()
+        config = self._check_request(config)
+        frame = self._frame(images, video, frame_key)
+        return Ask(self, questions, frame, system_prompt, config, t0)
+
+    def _check_request(self, config: GenerationConfig | None) -> GenerationConfig:
         if self._closed:
             raise BackendError("the pipeline is closed; create a new one")
-        t0 = time.perf_counter()
         config = config if config is not None else GenerationConfig()
         if not isinstance(config, GenerationConfig):
             raise ConfigError(f"config must be a GenerationConfig, got {type(config).__name__}")
-        ids, pixels = self.prepare(prompt, images, video, system_prompt)
+        return config
+
+    def _start(self, prompt: str, frame: EncodedFrame | None, system_prompt: str | None,
+               config: GenerationConfig, t0: float) -> Generation:
+        ids = self._prompt_ids(prompt, frame, system_prompt)
+        choice = self._constraint(config)
         with self._lock:
             if self._current() is not None:
                 raise BusyError("this pipeline is already generating; iterate the current "
                                 "generation to its end or call its cancel(), then retry")
-            gen = Generation(self, ids, pixels, config, t0)
+            gen = Generation(self, ids, frame, config, t0, choice)
             self._active = weakref.ref(gen)
         gen.timings.preprocess_s = time.perf_counter() - t0
         return gen
+
+    def _constraint(self, config: GenerationConfig) -> ChoiceConstraint | None:
+        """The token automaton of config.choices (built once per choices list), or None."""
+        if not config.choices:
+            return None
+        choice = self._constraints.get(config.choices)
+        if choice is None:
+            if self._token_table is None:
+                self._token_table = TokenTable(self.tokenizer)
+            choice = ChoiceConstraint(config.choices, self._token_table)
+            if len(self._constraints) >= 64:
+                self._constraints.pop(next(iter(self._constraints)))
+            self._constraints[config.choices] = choice
+        choice.check_budget(config.max_new_tokens)
+        return choice
+
+    def _features(self, frame: EncodedFrame, timings: Timings) -> np.ndarray:
+        """The frame's ViT embeddings (n_tiles * tokens, hidden), computed on first use."""
+        if frame.features is None:
+            t = time.perf_counter()
+            frame.features = self.vision(frame.pixels)  # (n_tiles * 256, hidden)
+            timings.vit_s = time.perf_counter() - t
+            frame.pixels = None
+            if frame.key is not None:
+                self.frames.put(frame.key, frame)
+        return frame.features
+
+    def _kept_rows(self, ids: list[int], frame: EncodedFrame | None) -> int:
+        """Leading rows of the KV cache a prefill of `ids` about `frame` can keep: the common
+        prefix with the previous prompt when it was about the same frame (or both had no
+        image) and nothing overwrote the rows since; never the last token (its logits are
+        needed); whole slices only on the NPU."""
+        if self._prefix is None:
+            return 0
+        prev_frame, prev_ids, prefills = self._prefix
+        if prev_frame is not frame or prefills != self.llm.prefills:
+            return 0
+        n = min(len(prev_ids), len(ids) - 1)
+        differ = np.flatnonzero(np.asarray(prev_ids[:n]) != np.asarray(ids[:n]))
+        common = int(differ[0]) if differ.size else n
+        return self.llm.reusable_rows(common)
 
     def _release(self, gen: Generation) -> None:
         with self._lock:
@@ -289,9 +407,11 @@ class Pipeline:
                 self._active = None
 
     def reset(self) -> None:
-        """Drop the KV state (a new request resets it anyway)."""
+        """Drop the KV state (a new request resets it anyway). The frame cache stays
+        (`frames.clear()` empties it)."""
         with self._lock:
             if self._current() is None:
+                self._prefix = None
                 self.llm.reset()
 
     def close(self) -> None:
@@ -318,16 +438,20 @@ class Generation:
     had already been sampled. `close()` also frees the pipeline; while another thread is inside
     a step, the pipeline is freed when that step ends, never under a running model. `result`
     is the GenerationResult, running the generation to its end first if needed. Stops on an
-    eos token, `<|im_end|>`, max_new_tokens or the context limit.
+    eos token, `<|im_end|>`, max_new_tokens or the context limit; with `choices`, also as
+    soon as the text is a complete choice that no other choice continues (finish_reason
+    "eos", without running the model for the eos).
     """
 
-    def __init__(self, pipeline: Pipeline, prompt_ids: list[int], pixels, config, t0: float):
+    def __init__(self, pipeline: Pipeline, prompt_ids: list[int], frame: EncodedFrame | None,
+                 config: GenerationConfig, t0: float, choice: ChoiceConstraint | None = None):
         self._pipe = pipeline
         self.prompt_ids = list(prompt_ids)
-        self._pixels = pixels
+        self._frame = frame
         self.config = config
         self._t0 = t0
         self._sampler = Sampler(config)
+        self._choice = choice.start() if choice is not None else None
         # the ids the repetition penalty covers: generated ids (and the prompt's if asked)
         head = self.prompt_ids if config.penalize_prompt else []
         self._history = np.empty(len(head) + config.max_new_tokens, dtype=np.int64)
@@ -337,7 +461,7 @@ class Generation:
         self._eos = set(pipeline.tokenizer.eos_token_ids)
         self.token_ids: list[int] = []
         self.timings = Timings(prompt_tokens=len(self.prompt_ids),
-                               image_tiles=0 if pixels is None else len(pixels))
+                               image_tiles=0 if frame is None else frame.n_tiles)
         self._logits: np.ndarray | None = None
         self._cancel = threading.Event()
         self._state = threading.Lock()  # guards _running, _close_requested and finishing
@@ -417,10 +541,13 @@ class Generation:
         llm = self._pipe.llm
         if self._cancel.is_set():
             self._stop("cancelled")
+        budget = self.config.max_new_tokens - len(self.token_ids)  # tokens still allowed
         if self._logits is None:  # first call: ViT + prefill
             self._logits = self._prefill()
         else:
-            if len(self.token_ids) >= self.config.max_new_tokens:
+            if self._choice is not None and self._choice.done(budget):
+                self._stop("eos")  # a complete choice: the eos is all that may follow
+            if budget <= 0:
                 self._stop("length")
             if llm.cache.filled >= llm.max_ctx:
                 self._stop("context")
@@ -430,7 +557,10 @@ class Generation:
             self._decode_steps += 1
         penalised = (self._history[:self._n_history]
                      if self.config.repetition_penalty != 1.0 else ())
-        token = self._sampler(self._logits, penalised)
+        if self._choice is None:
+            token = self._sampler(self._logits, penalised)
+        else:
+            token = self._sampler(self._logits, penalised, allowed=self._choice.allowed(budget))
         if self._t_first is None:
             self._t_first = time.perf_counter()
             self.timings.ttft_s = self._t_first - self._t0
@@ -438,6 +568,8 @@ class Generation:
             self._stop("cancelled")
         if token in self._eos:
             self._stop("eos")
+        if self._choice is not None:
+            self._choice.advance(token)
         self.token_ids.append(token)
         self._history[self._n_history] = token
         self._n_history += 1
@@ -447,18 +579,19 @@ class Generation:
     def _prefill(self) -> np.ndarray:
         pipe, llm = self._pipe, self._pipe.llm
         embeds = llm.embed(self.prompt_ids)  # (L, hidden)
-        if self._pixels is not None:
-            t = time.perf_counter()
-            feats = pipe.vision(self._pixels)  # (n_tiles * 256, hidden)
-            self.timings.vit_s = time.perf_counter() - t
+        if self._frame is not None:
+            feats = pipe._features(self._frame, self.timings)  # (n_tiles * 256, hidden)
             where = np.flatnonzero(np.asarray(self.prompt_ids) == pipe.tokenizer.img_context_id)
             if where.size != feats.shape[0]:
                 raise ShapeMismatchError(f"the prompt has {where.size} <IMG_CONTEXT> tokens but "
                                          f"the ViT produced {feats.shape[0]} embeddings")
             embeds[where] = feats
+        keep = pipe._kept_rows(self.prompt_ids, self._frame)
         t = time.perf_counter()
-        logits = llm.prefill(embeds)
+        logits = llm.prefill(embeds, keep=keep)
         self.timings.prefill_s = time.perf_counter() - t
+        self.timings.cached_prompt_tokens = keep
+        pipe._prefix = (self._frame, self.prompt_ids, llm.prefills)  # rows [0, L) are ours
         return logits
 
     def _stop(self, reason: str):
@@ -476,8 +609,8 @@ class Generation:
         self._result = GenerationResult(
             text=self._stream.text, token_ids=list(self.token_ids),
             prompt_token_ids=list(self.prompt_ids), finish_reason=reason, timings=tm,
-            text_tail=tail)
-        self._pixels = None
+            text_tail=tail, choice_index=-1 if self._choice is None else self._choice.choice_index)
+        self._frame = None
         self._logits = None
         self._finish = reason  # last: from here on generate() may start the next request
         self._pipe._release(self)
@@ -486,6 +619,7 @@ class Generation:
         """A backend (or other) error: reset (and zero) the KV state, free the pipeline."""
         self._error = exc
         try:
+            self._pipe._prefix = None
             self._pipe.llm.reset(clear=True)
         finally:
             self._finish = "error"

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .constraint import check_choices
 from .errors import ConfigError
 
 #: candidates taken by partition for top-p without top-k (a full sort only if their mass < p)
@@ -40,6 +41,8 @@ class GenerationConfig:
     `repetition_penalty` applies to the generated tokens only, as InternVL's chat() (which calls
     generate(inputs_embeds=...), so transformers never sees the prompt ids); set
     `penalize_prompt=True` to include the prompt ids too, as generate(input_ids=...).
+    `choices` (distinct non-empty strings) make the answer exactly one of them, greedy or
+    sampled (core.constraint); empty = free text.
     """
 
     max_new_tokens: int = 64
@@ -49,6 +52,8 @@ class GenerationConfig:
     repetition_penalty: float = 1.0  # 1 = off
     seed: int | None = None
     penalize_prompt: bool = False  # the repetition penalty also covers the prompt ids
+    #: the answer must be exactly one of these strings (core.constraint); () = free text
+    choices: tuple[str, ...] = ()
 
     def __post_init__(self):
         def bad(field, value, rule):
@@ -71,6 +76,9 @@ class GenerationConfig:
             bad("seed", self.seed, "must be None or an integer >= 0")
         if not isinstance(self.penalize_prompt, bool):
             bad("penalize_prompt", self.penalize_prompt, "must be True or False")
+        # a list is accepted and stored as a tuple (the config stays hashable)
+        object.__setattr__(self, "choices", check_choices(self.choices,
+                                                          "GenerationConfig.choices"))
 
     @property
     def greedy(self) -> bool:
@@ -197,11 +205,22 @@ class Sampler:
         self.config = config
         self.rng = np.random.default_rng(config.seed)
 
-    def __call__(self, logits: np.ndarray, history: Iterable[int] = ()) -> int:
-        """`history`: the token ids the repetition penalty covers (ignored when it is 1)."""
+    def __call__(self, logits: np.ndarray, history: Iterable[int] = (),
+                 allowed: np.ndarray | None = None) -> int:
+        """`history`: the token ids the repetition penalty covers (ignored when it is 1).
+        `allowed`: ascending token ids the choice must come from (a constrained answer, see
+        core.constraint), as if every other logit were -inf before temperature, top-k and top-p
+        (transformers' order); the filters and the draw then run on these ids only."""
         cfg = self.config
         logits = np.asarray(logits, dtype=np.float32).reshape(-1)  # (vocab,)
         logits = apply_repetition_penalty(logits, history, cfg.repetition_penalty)
+        if allowed is not None:
+            logits = logits[allowed]  # (n_allowed,): positions map back through `allowed`
+        pick = self._pick(logits)
+        return pick if allowed is None else int(allowed[pick])
+
+    def _pick(self, logits: np.ndarray) -> int:
+        cfg = self.config
         if cfg.greedy:
             return int(np.argmax(logits))
         u = self.rng.random()

@@ -126,6 +126,15 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def vocab(self) -> dict[str, int]:
+        """{token string: id} of the plain vocabulary (added and special tokens left out)."""
+        return self._tok.get_vocab(with_added_tokens=False)
+
+    @property
+    def byte_level(self) -> bool:
+        """Token strings are in the GPT-2 byte-level alphabet (Qwen's byte-level BPE)."""
+        return isinstance(self._tok.decoder, decoders.ByteLevel)
+
     def encode_plain(self, text: str) -> list[int]:
         """Encode text with no special/added-token matching: `<|im_end|>` or `<img>` in the
         text become ordinary characters. Equal to `encode(text)` for text without them."""
