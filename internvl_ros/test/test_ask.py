@@ -43,7 +43,7 @@ def separate(pipe, question, images, cfg=CFG, **kw):
     return pipe.generate(q.prompt, images=images, config=q.config(cfg), **kw).result
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "axengine"])
+@pytest.mark.parametrize("backend", ["onnxruntime", "axengine", "axengine-rows"])
 def test_ask_equals_separate_requests_token_for_token(pipes, backend):
     pipe = pipes[backend]
     img = image(1)
@@ -70,7 +70,7 @@ def test_ask_equals_separate_requests_token_for_token(pipes, backend):
         assert tm.cached_prompt_tokens > n_img  # system prompt + image block kept
         ids = a.result.prompt_token_ids
         shared = ids.index(pipe.tokenizer.img_end_id) + 2  # up to </img> and the "\n" after it
-        if backend == "axengine":  # the whole slices of the shared prefix
+        if backend.startswith("axengine"):  # the whole slices of the shared prefix
             assert tm.cached_prompt_tokens == shared // 128 * 128
         else:  # the question's own tokens only
             assert tm.cached_prompt_tokens == shared
@@ -82,12 +82,12 @@ def test_ask_equals_separate_requests_token_for_token(pipes, backend):
             n_new = len(a.result.prompt_token_ids) - tm.cached_prompt_tokens
             assert any(rows == n_new and mask == len(a.result.prompt_token_ids)
                        for _, rows, mask in prefills)
-    else:  # no follow-up runs the first slice (past 0)
+    elif backend == "axengine":  # no follow-up runs the first slice (past 0)
         first_slice_group = pipe.llm.prefill_groups[0].group
         assert sum(g == first_slice_group for g, _, _ in prefills) == 1
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "axengine"])
+@pytest.mark.parametrize("backend", ["onnxruntime", "axengine", "axengine-rows"])
 def test_frame_cache_skips_the_vit_and_the_prefix(pipes, backend):
     pipe = pipes[backend]
     pipe.frames.clear()
@@ -104,7 +104,7 @@ def test_frame_cache_skips_the_vit_and_the_prefix(pipes, backend):
     assert a.token_ids == b.token_ids == ref.token_ids and c.token_ids == c_ref.token_ids
     assert a.timings.vit_s > 0 and b.timings.vit_s == 0 and c.timings.vit_s == 0
     n = len(b.prompt_token_ids)
-    want = (n - 1) // 128 * 128 if backend == "axengine" else n - 1
+    want = (n - 1) // 128 * 128 if backend.startswith("axengine") else n - 1
     assert b.timings.cached_prompt_tokens == want
     assert len(pipe.frames) == 1
 
@@ -227,7 +227,7 @@ def test_ask_input_errors_raise_at_once(pipes):
 # the language model's keep= and the frame cache, directly
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "axengine"])
+@pytest.mark.parametrize("backend", ["onnxruntime", "axengine", "axengine-rows"])
 def test_prefill_keep_equals_a_full_prefill(pipes, backend):
     llm = pipes[backend].llm
     rng = np.random.default_rng(0)
