@@ -412,9 +412,9 @@ def test_continuous_mode_captions_the_frame_it_chose_once(make_node):
     a, b = rgb_image(), rgb_image()
     a.header.frame_id, b.header.frame_id = "A", "B"
     put(node, a)
-    first = weakref.ref(node.frames.latest())
     node._continuous_tick()  # chooses A
     put(node, b)  # B arrives before the worker got to A
+    second = weakref.ref(node.frames.latest())
     deadline = time.monotonic() + 10
     while len(published) < 1 and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -426,8 +426,9 @@ def test_continuous_mode_captions_the_frame_it_chose_once(make_node):
         while not node.worker.idle():
             time.sleep(0.005)
     assert published == ["A", "B"]
+    put(node, rgb_image())  # C replaces B as the latest frame
     gc.collect()
-    assert first() is None  # nothing keeps frame A alive to compare identities
+    assert second() is None  # nothing keeps the captioned frame alive to compare identities
 
 
 def test_no_feedback_after_the_result_of_an_aborted_goal(make_node):
