@@ -248,7 +248,8 @@ class InternVLNode(LifecycleNode):
         latest, age = self.frames.describe_latest()
         stats = self.stats.snapshot()
         info = {
-            "state": f"{self.lifecycle_state}, {work}",
+            "state": work,
+            "lifecycle_state": self.lifecycle_state,
             "backend": self._p("backend"),
             "model": self._p("model_dir"),
             "image_topic": self.frames.topic,
