@@ -173,11 +173,11 @@ class Describer:
         return self.make_request(source_image, source, req.prompt, req.system_prompt,
                                  int(req.max_new_tokens), on_delta)
 
-    def refusal(self) -> Outcome | None:
+    def refusal(self, worker) -> Outcome | None:
         """The answer for a request that cannot be served now, or None."""
         if self.closed:
             return Outcome.fail(SHUTTING_DOWN)
-        if self.state != "active" or self.worker is None:
+        if self.state != "active" or worker is None:
             return Outcome.fail(
                 f"the node is inactive (lifecycle state: {self.state}); activate it with "
                 f"'ros2 lifecycle set {self._node.get_fully_qualified_name()} activate'")
@@ -189,14 +189,14 @@ class Describer:
 
         ``max_s`` bounds the request below ``request_timeout`` (action goals on Humble).
         """
-        refused = self.refusal()
+        worker = self.worker  # cleanup may clear it meanwhile: this request keeps its own
+        refused = self.refusal(worker)
         if refused is not None:
             return self._count(refused)
         try:
             request = self._build_request(req, source, on_delta)
         except RequestError as e:
             return self._count(Outcome.fail(str(e)))
-        worker = self.worker
         job = Job(request, on_caption=self._on_caption)
         refused = worker.submit(job, int(self._p("max_queue")))
         if refused is not None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+import traceback
 
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
@@ -136,9 +137,14 @@ class InternVLNode(LifecycleNode):
         try:
             pipeline = self._loader(model_dir, backend, self._p("provider"),
                                     self._p("num_threads"), self._p("max_tiles"))
-        except ModelLoadError as e:
-            self.load_error = str(e)
-            log.error(f"configure failed, the node stays unconfigured: {e}")
+        except Exception as e:  # ModelLoadError names the file and the fix; anything else is a bug
+            why = str(e) if isinstance(e, ModelLoadError) else f"{type(e).__name__}: {e}"
+            self.load_error = why
+            if not isinstance(e, ModelLoadError):
+                log.error(f"loading the model raised:\n{traceback.format_exc()}")
+            if not self._p("autostart"):  # (with autostart, main logs it as FATAL and exits)
+                log.error(f"configure failed; the node stays unconfigured (configure again once "
+                          f"the cause is fixed): {why}")
             return FAILURE
         self.load_error = None
         self.pipeline = pipeline
