@@ -139,6 +139,20 @@ def test_bayer(pattern, pad):
     assert np.abs(wrong[inner].astype(int) - rgb[inner]).mean() > 20
 
 
+@pytest.mark.parametrize("encoding,channels,code", [
+    ("yuv422", 2, cv2.COLOR_YUV2RGB_UYVY),
+    ("yuyv", 2, cv2.COLOR_YUV2RGB_YUYV),
+    ("bayer_rggb8", 1, cv2.COLOR_BayerBG2RGB),
+    ("bayer_gbrg8", 1, cv2.COLOR_BayerGR2RGB),
+    ("bgra8", 4, cv2.COLOR_BGRA2RGB),
+])
+def test_one_converter_opencv_whatever_is_installed(encoding, channels, code):
+    """Pixels are OpenCV's cvtColor of the unpadded rows, exactly: no library cascade."""
+    px = np.random.default_rng(3).integers(0, 256, (H, W, channels), dtype=np.uint8)
+    out = ic.image_to_rgb(raw_msg(px, encoding, pad=6))
+    np.testing.assert_array_equal(out, cv2.cvtColor(px if channels > 1 else px[..., 0], code))
+
+
 def test_real_sensor_msgs_image():
     from sensor_msgs.msg import Image
 

@@ -170,6 +170,7 @@ class Client:
         self.captions: dict[str, list[str]] = {NS_RAW: [], NS_CMP: []}
         self.stamped: dict[str, list[Caption]] = {NS_RAW: [], NS_CMP: []}
         self.diag: dict[str, dict] = {}
+        self.diag_history: list[dict] = []
         self.srv = {}
         self.actions = {}
         for ns in (NS_RAW, NS_CMP):
@@ -204,6 +205,7 @@ class Client:
             values["_t"] = time.monotonic()
             with self.lock:
                 self.diag[st.name.split(":", 1)[-1].strip()] = values
+                self.diag_history.append(values)
 
     def diagnostics(self, fqn: str, newer_than: float = 0.0, timeout: float = 5.0) -> dict:
         deadline = time.monotonic() + timeout
@@ -694,6 +696,7 @@ def test_continuous_mode_captions_the_stream(stream):
 
 def test_diagnostics_report_the_node_state(stream):
     assert stream.describe(NS_RAW, prompt=PROMPT).success
+    t_fail = time.monotonic()
     assert not stream.describe(NS_RAW, prompt=PROMPT, max_frame_age=1e-6).success
     d = stream.diagnostics("/internvl", newer_than=time.monotonic())
     for key in ("backend", "model", "state", "last_ttft_s", "last_tokens_per_s",
@@ -703,10 +706,24 @@ def test_diagnostics_report_the_node_state(stream):
     assert d["backend"] == "onnxruntime"
     assert d["state"] in ("idle", "generating") and d["lifecycle_state"] == "active"
     assert d["model"].endswith("onnx")
-    # the stale request failed in this period: WARN, saying so; the next period is OK again
-    assert d["_level"] == DiagnosticStatus.WARN and "request(s) failed" in d["_message"], d
-    d2 = stream.diagnostics("/internvl", newer_than=time.monotonic())
-    assert d2["_level"] == DiagnosticStatus.OK, d2
+    # the status after the stale request's failure says WARN, and why; the next one is OK again
+    def after_failure():
+        with stream.lock:
+            return [h for h in stream.diag_history if h["_t"] > t_fail
+                    and h.get("lifecycle_state") == "active" and "frames_received" in h
+                    and h["image_topic"] == RAW_TOPIC]
+
+    def warned():
+        return [i for i, h in enumerate(after_failure())
+                if "request(s) failed since the last status" in h["_message"]]
+
+    wait_for(lambda: warned() and len(after_failure()) > warned()[0] + 1, 5,
+             "the status that reports the failure, and the next one")
+    first = warned()[0]
+    warn, ok = after_failure()[first:first + 2]
+    assert warn["_level"] == DiagnosticStatus.WARN, warn
+    assert "1 request(s) failed since the last status" in warn["_message"], warn
+    assert ok["_level"] == DiagnosticStatus.OK, ok  # nothing failed in the next period
     assert d["image_reliability"] == "reliable"  # auto matched the reliable publisher
     assert float(d["last_ttft_s"]) > 0 and float(d["last_tokens_per_s"]) > 0
     assert int(d["requests_served"]) >= 1 and int(d["requests_failed"]) >= 1

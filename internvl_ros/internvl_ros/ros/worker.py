@@ -235,9 +235,9 @@ class InferenceWorker:
                 job.finish(Outcome.fail(f"internal error: {type(e).__name__}: {e}"),
                            claimed=True)
             finally:
+                job = None  # don't keep the last job (and its frame) alive while idle
                 with self._cond:
                     self._current = None
-                job = None  # don't keep the last job (and its frame) alive while idle
 
     def _serve(self, job: Job) -> None:
         if job.cancel.is_set() or job.done:
