@@ -41,6 +41,7 @@ from internvl_ros.tools.bagio import (
 )
 
 EXIT_OK, EXIT_USAGE, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 2, 3, 130
+DISCOVERY_SETTLE_S = 1.0  # after the service appears, for the node to discover us in turn
 
 
 class NodeTimeout(Exception):
@@ -353,7 +354,11 @@ class Replay:
                    and time.monotonic() < deadline):
                 time.sleep(0.05)
         if not self.args.live:
-            return  # each request carries its frame: the node's subscription does not matter
+            # Each request carries its frame: the node's subscription does not matter. But the
+            # node must have discovered our client too, or Fast DDS drops its first response
+            # ("failed to send response (timeout)"); rclpy cannot tell when it has.
+            time.sleep(min(DISCOVERY_SETTLE_S, self.args.timeout))
+            return
         # Give the node's image subscription a moment to match our publisher.
         deadline = time.monotonic() + min(5.0, self.args.timeout)
         while self.pub.get_subscription_count() == 0 and time.monotonic() < deadline:
