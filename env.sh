@@ -13,8 +13,7 @@ fi
 
 if [ ! -x "$_internvl_root/.venv/bin/python" ] || [ ! -f "$_internvl_root/install/local_setup.sh" ]; then
   echo "env.sh: run 'make setup' in $_internvl_root first" >&2
-  [ "$_internvl_nounset" = 1 ] && set -u
-unset _internvl_root _internvl_nounset
+  unset _internvl_root
   return 1 2>/dev/null || exit 1
 fi
 
@@ -35,5 +34,5 @@ export RMW_IMPLEMENTATION="${RMW_IMPLEMENTATION:-rmw_fastrtps_cpp}"
 # ament_python puts console scripts in lib/<pkg> (for `ros2 run`); put them on PATH too.
 export PATH="$_internvl_root/install/internvl_ros/lib/internvl_ros:$PATH"
 
-[ "$_internvl_nounset" = 1 ] && set -u
+if [ "$_internvl_nounset" = 1 ]; then set -u; fi
 unset _internvl_root _internvl_nounset

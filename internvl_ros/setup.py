@@ -24,7 +24,7 @@ setup(
     tests_require=["pytest"],
     entry_points={
         "console_scripts": [
-            "internvl_node = internvl_ros.ros.node:main",
+            "internvl_node = internvl_ros.ros.main:main",
             "internvl-caption = internvl_ros.tools.caption:main",
             "internvl-export = internvl_ros.export.exporter:main",
             "internvl-make-tiny-model = internvl_ros.export.tiny:main",

@@ -13,6 +13,9 @@ Arguments:
                           image_transport: compressed the node reads <image_topic>/compressed)
   use_large_data_profile  true: start the node with config/fastdds_large_data.xml as its Fast DDS
                           profile (give the camera driver the same file; docs/NODE.md)
+  autostart               true (default): configure and activate at start-up; false: the node
+                          waits, unconfigured, for lifecycle transitions (a lifecycle manager,
+                          or ros2 lifecycle set /internvl configure, then activate)
 """
 
 import os
@@ -34,6 +37,9 @@ def node_action(context):
     model_dir = LaunchConfiguration("model_dir").perform(context)
     if model_dir:
         parameters.append({"model_dir": model_dir})  # later entries win
+    autostart = LaunchConfiguration("autostart").perform(context).strip().lower()
+    if autostart:  # empty: the params file decides
+        parameters.append({"autostart": autostart in ("true", "1", "yes", "on")})
     return [
         Node(
             package=PACKAGE,
@@ -64,6 +70,12 @@ def generate_launch_description():
             ),
             DeclareLaunchArgument(
                 "namespace", default_value="", description="Namespace of the node."
+            ),
+            DeclareLaunchArgument(
+                "autostart",
+                default_value="",
+                description="true: configure and activate at start-up; false: wait for "
+                "lifecycle transitions; empty (default): the params file's autostart (true).",
             ),
             DeclareLaunchArgument(
                 "image_topic",

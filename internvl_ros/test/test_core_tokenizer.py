@@ -8,7 +8,7 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 
 from internvl_ros.core.errors import ModelDirError
-from internvl_ros.core.tokenizer import Tokenizer
+from internvl_ros.core.tokenizer import DecodeStream, StreamDecoder, Tokenizer
 from internvl_ros.export.testing import tiny_model_dirs
 
 TEXTS = ["The robot sees a red cup on the table.", "  two  spaces\nnew line\t tab",
@@ -24,6 +24,14 @@ def tok_dir():
 @pytest.fixture(scope="module")
 def tok(tok_dir):
     return Tokenizer.from_path(tok_dir / "tokenizer.json")
+
+
+@pytest.fixture(params=["library", "fallback"])
+def stream_decoder(request, tok):
+    """tokenizers' DecodeStream (installed here), and the fallback for older tokenizers."""
+    if request.param == "library":
+        assert DecodeStream is not None  # the pinned tokenizers has it
+    return lambda: StreamDecoder(tok, use_library=request.param == "library")
 
 
 def test_special_ids_and_eos(tok, tok_dir):
@@ -51,10 +59,10 @@ def test_encode_plain_never_produces_control_tokens(tok):
     assert tok.decode(ids) == text  # still the same characters
 
 
-def test_stream_decoder_multibyte(tok):
+def test_stream_decoder_multibyte(tok, stream_decoder):
     text = "héllo 机器人 🙂🤖 ok"
     ids = tok.encode_plain(text)
-    dec = tok.stream_decoder()
+    dec = stream_decoder()
     deltas = [dec.push(i) for i in ids]
     deltas.append(dec.flush())
     assert "".join(deltas) == tok.decode(ids) == text
@@ -65,9 +73,9 @@ def test_stream_decoder_multibyte(tok):
     assert any(d == "" for d in deltas[:-1])
 
 
-def test_stream_decoder_dangling_bytes_flush(tok):
+def test_stream_decoder_dangling_bytes_flush(tok, stream_decoder):
     ids = tok.encode_plain("🙂")
-    dec = tok.stream_decoder()
+    dec = stream_decoder()
     out = [dec.push(i) for i in ids[:-1]]  # an incomplete 4-byte sequence
     assert "".join(out) == ""
     assert dec.flush() == tok.decode(ids[:-1])  # replacement chars only at the very end
@@ -103,12 +111,24 @@ def test_vocab_merges_fallback(tmp_path, tok_dir, tok):
     assert fallback.decode(tok.encode_plain(text)) == text
 
 
+def test_stream_decoder_uses_the_library_when_it_has_it(tok):
+    dec = tok.stream_decoder()
+    assert dec._stream is not None
+    calls = []
+    tok.decode = lambda *a, **kw: calls.append(a)  # the library decodes: we don't
+    try:
+        assert [dec.push(i) for i in tok.encode_plain("a cat")] and not calls
+    finally:
+        del tok.decode
+    assert dec.text == "a cat"
+
+
 def test_stream_decoder_decodes_a_short_window(tok):
-    """O(1) work per token: each push decodes a few ids, never the whole text so far."""
+    """The fallback: O(1) work per token: each push decodes a few ids, never the whole text."""
     text = ("The robot sees a red cup 机器人 on the table 🙂🤖, then déjà vu. " * 12).strip()
     ids = tok.encode_plain(text)
     assert len(ids) > 300
-    dec = tok.stream_decoder()
+    dec = StreamDecoder(tok, use_library=False)
     windows = []
     real_decode = tok.decode
 

@@ -59,7 +59,8 @@ def question_for_length(pipe, target, system_prompt="You describe images."):
 def check(hf_dir, host, npu, question, images=(), system_prompt=None):
     cfg = GenerationConfig(max_new_tokens=MAX_NEW)
     ids, pixels = host.prepare(question, images, system_prompt=system_prompt)
-    reference = hf_greedy(hf_dir, ids, pixels, max_new_tokens=MAX_NEW)
+    eos = list(host.tokenizer.eos_token_ids)  # the same stop tokens on both sides
+    reference = hf_greedy(hf_dir, ids, pixels, max_new_tokens=MAX_NEW, eos_token_ids=eos)
     assert len(reference) >= 4, f"the reference stopped at once: {reference}"
     results = {}
     for name, pipe in (("onnxruntime", host), ("axengine", npu)):
@@ -69,9 +70,12 @@ def check(hf_dir, host, npu, question, images=(), system_prompt=None):
         assert res.prompt_token_ids == ids
         n = len(res.token_ids)
         if res.finish_reason == "eos":  # ours excludes the stop token, HF includes it
-            assert reference[:n + 1] == res.token_ids + [reference[n]], name
+            # transformers stopped there too: one more id, and it is a stop token
+            assert len(reference) == n + 1 and reference[n] in eos, (name, reference)
+            assert reference[:n] == res.token_ids, name
         else:
             assert res.finish_reason == "length" and res.token_ids == reference, name
+            assert not set(reference) & set(eos), name  # transformers did not stop early
         results[name] = res
     return ids, results
 

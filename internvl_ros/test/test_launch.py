@@ -117,11 +117,22 @@ def test_model_dir_argument_overrides_the_params_file_only_when_given(descriptio
 
 def test_executable_is_a_registered_console_script():
     setup_py = (PKG / "setup.py").read_text()
-    assert re.search(r"['\"]internvl_node\s*=\s*internvl_ros\.ros\.node:main['\"]", setup_py)
+    assert re.search(r"['\"]internvl_node\s*=\s*internvl_ros\.ros\.main:main['\"]", setup_py)
     assert re.search(r"share/.*config", setup_py) and re.search(r"share/.*launch", setup_py)
-    from internvl_ros.ros import node
+    from internvl_ros.ros import main
 
-    assert callable(node.main)
+    assert callable(main.main)
+
+
+def test_autostart_argument_sets_the_parameter_only_when_given(description):
+    declared = {a.args[0]: a.kwargs for a in _by_type(description, "DeclareLaunchArgument")}
+    assert declared["autostart"]["default_value"] == ""  # the params file decides (true)
+    (node,) = _nodes(description)
+    assert [p.args for p in node.kwargs["parameters"]] == [("params_file",)]
+    assert _yaml_params()["autostart"] is True
+    for text, value in (("false", False), ("False", False), ("true", True)):
+        (node,) = _nodes(description, autostart=text)
+        assert node.kwargs["parameters"][1:] == [{"autostart": value}]
 
 
 def _yaml_params() -> dict:
@@ -144,6 +155,20 @@ def test_every_yaml_key_is_declared_with_the_same_default_and_type():
         assert p.check(value) is None
 
 
+def _yaml_comments() -> dict[str, str]:
+    """{parameter: the comment lines just above it in config/internvl.yaml}."""
+    out, block = {}, []
+    for line in CONFIG.read_text().splitlines():
+        m = re.match(r"^\s{4}(\w+):", line)
+        if line.strip().startswith("#"):
+            block.append(line)
+        elif m:
+            out[m.group(1)], block = " ".join(block), []
+        else:
+            block = []
+    return out
+
+
 def test_yaml_documents_each_parameter_with_a_comment():
     lines = CONFIG.read_text().splitlines()
     for i, line in enumerate(lines):
@@ -153,16 +178,21 @@ def test_yaml_documents_each_parameter_with_a_comment():
 
 
 def test_descriptors_have_descriptions_and_ranges():
+    """The descriptor carries the table's range (what rclpy enforces), and the range the YAML's
+    comment promises is that range."""
+    comments = _yaml_comments()
     for p in params.PARAMS:
         d = params.descriptor(p)
         assert d.name == p.name and len(d.description) > 20
         assert d.read_only == p.read_only
-        if isinstance(p.default, int):
-            (r,) = d.integer_range
-            assert r.from_value <= p.default <= r.to_value
-        elif isinstance(p.default, float):
-            (r,) = d.floating_point_range
-            assert r.from_value <= p.default <= r.to_value
+        if isinstance(p.default, bool):
+            assert d.type == 1 and not d.integer_range  # PARAMETER_BOOL
+        elif isinstance(p.default, (int, float)):
+            (r,) = d.integer_range if isinstance(p.default, int) else d.floating_point_range
+            assert (r.from_value, r.to_value) == (p.lo, p.hi), p.name
+            promised = re.search(r"\[(-?[0-9.]+), (-?[0-9.]+)\]", comments[p.name])
+            if promised:
+                assert (float(promised[1]), float(promised[2])) == (p.lo, p.hi), p.name
         else:
             assert d.additional_constraints
     ro = {p.name for p in params.PARAMS if p.read_only}

@@ -27,10 +27,23 @@ LOG = logging.getLogger("test_node_worker")
 RGB = np.random.default_rng(5).integers(0, 256, (480, 640, 3), dtype=np.uint8)
 
 
-def request(prompt="What is in front of the robot?", tokens=16, source="service",
+class Img:
+    """An ImageSource: RGB, after ``hook()`` (which may block, or raise RequestError)."""
+
+    def __init__(self, hook=None):
+        self.hook = hook
+
+    def decode(self, max_dim):
+        if self.hook is not None:
+            self.hook()
+        return RGB, "hdr"
+
+
+def request(prompt="What is in front of the robot?", tokens=16, source="service", image=None,
             **kw) -> Request:
-    return Request(prompt=prompt, system_prompt=None, max_new_tokens=tokens,
-                   max_frame_age=float("inf"), source=source, **kw)
+    return Request(prompt=prompt, system_prompt=None,
+                   config=GenerationConfig(max_new_tokens=tokens), image=image or Img(),
+                   source=source, **kw)
 
 
 def wait_until(pred, timeout=10.0, what="a condition"):
@@ -45,28 +58,36 @@ def model_dir():
     return tiny_model_dirs("a")[1]
 
 
+class Harness:
+    """A worker, the jobs' caption callback, and the queue bound the node would pass."""
+
+    def __init__(self, pipeline, max_queue, on_caption=None):
+        self.worker = InferenceWorker(pipeline, LOG)
+        self.max_queue = max_queue
+        self.published = []
+        self._on_caption = on_caption
+
+    def publish(self, job, outcome):
+        if self._on_caption is not None:
+            self._on_caption(job, outcome)
+        self.published.append(outcome.text)
+
+    def job(self, req: Request) -> Job:
+        return Job(req, on_caption=self.publish)
+
+    def submit(self, job: Job, **kw):
+        return self.worker.submit(job, self.max_queue, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.worker, name)
+
+
 @pytest.fixture
 def make_worker(model_dir):
     made = []
 
-    def make(max_queue=2, prepare=None, pipeline=None, on_caption=None):
-        pipe = pipeline or Pipeline.from_model_dir(model_dir)
-        published = []
-
-        def publish(job, outcome):
-            if on_caption is not None:
-                on_caption(job, outcome)
-            published.append(outcome.text)
-
-        w = InferenceWorker(
-            pipe,
-            prepare=prepare or (lambda job: (RGB, "hdr", 0.001)),
-            make_config=lambda job: GenerationConfig(max_new_tokens=job.request.max_new_tokens),
-            on_caption=publish,
-            logger=LOG,
-            max_queue_fn=lambda: max_queue,
-        )
-        w.published = published
+    def make(max_queue=2, pipeline=None, on_caption=None):
+        w = Harness(pipeline or Pipeline.from_model_dir(model_dir), max_queue, on_caption)
         made.append(w)
         return w
 
@@ -78,7 +99,7 @@ def make_worker(model_dir):
 
 
 def run(worker, req, timeout=30.0) -> Outcome:
-    job = Job(req)
+    job = worker.job(req)
     assert worker.submit(job) is None
     assert job.wait(timeout)
     return job.outcome
@@ -92,39 +113,53 @@ def reference_text(model_dir, tokens=16) -> str:
 
 
 def test_backend_error_mid_generation_fails_that_request_and_the_next_is_served(
-        make_worker, model_dir):
+        make_worker, model_dir, caplog):
+    """A backend session fails under the core's wrapping (run_session -> BackendError), as a
+    real NPU failure does: "backend error: ...", an ERROR with the traceback, a pipeline reset."""
     worker = make_worker()
-    llm = worker.pipeline.llm
-    real_decode, calls = llm.decode, {"n": 0}
+    layer = worker.pipeline.llm.layers[0]
+    real_run, armed = layer.run, threading.Event()
 
-    def flaky_decode(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
+    def flaky_run(*args, **kwargs):
+        if armed.is_set():
+            armed.clear()
             raise RuntimeError("NPU fell over")
-        return real_decode(*args, **kwargs)
+        return real_run(*args, **kwargs)
 
-    llm.decode = flaky_decode
-    bad = run(worker, request())
-    assert not bad.success and bad.message == "backend error: RuntimeError: NPU fell over"
+    layer.run = flaky_run
+    resets = []
+    real_reset = worker.pipeline.reset
+    worker.pipeline.reset = lambda: (resets.append(1), real_reset())
+    with caplog.at_level(logging.ERROR, logger=LOG.name):
+        bad = run(worker, request(on_delta=lambda *a: armed.set()))  # fails at the 2nd token
+    assert not bad.success and bad.message.startswith("backend error: ")
+    assert "RuntimeError: NPU fell over" in bad.message and "BackendError" not in bad.message
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors and "NPU fell over" in errors[0].getMessage()
+    assert "Traceback" in errors[0].getMessage()  # the traceback is in the log
+    assert resets == [1]
     assert worker.published == []  # a failure is not a caption
     good = run(worker, request())
     assert good.success and good.finish_reason == "length"
     assert good.text == reference_text(model_dir)  # the KV cache did not leak into it
     assert worker.published == [good.text]
     t = good.timings
-    assert t["generated_tokens"] == 16 and t["prompt_tokens"] > 256
-    assert 0 < t["ttft"] <= t["total"] and t["vit"] > 0 and t["tokens_per_second"] > 0
+    assert t.generated_tokens == 16 and t.prompt_tokens > 256
+    assert 0 < t.ttft_s <= t.total_s and t.vit_s > 0 and t.decode_tokens_per_s > 0
+
+
+def test_max_new_tokens_is_clamped_to_the_context(make_worker):
+    """A uint32 from a request (4294967295) must not size buffers: clamped to the context."""
+    worker = make_worker()
+    out = run(worker, request(tokens=2**32 - 1, image=Img()), timeout=120)
+    assert out.success, out.message
+    assert out.timings.generated_tokens <= worker.pipeline.max_context
 
 
 def test_queue_bound_refuses_at_once_and_every_job_gets_one_outcome(make_worker):
     gate = threading.Event()
-
-    def slow_prepare(job):
-        gate.wait(10)
-        return RGB, None, 0.0
-
-    worker = make_worker(max_queue=1, prepare=slow_prepare)
-    jobs = [Job(request(tokens=4)) for _ in range(4)]
+    worker = make_worker(max_queue=1)
+    jobs = [worker.job(request(tokens=4, image=Img(lambda: gate.wait(10)))) for _ in range(4)]
     assert worker.submit(jobs[0]) is None
     wait_until(lambda: worker.state() == ("generating", 0), what="the worker to pick it up")
     assert worker.submit(jobs[1]) is None  # waits
@@ -142,33 +177,31 @@ def test_queue_bound_refuses_at_once_and_every_job_gets_one_outcome(make_worker)
 
 
 def test_request_errors_and_cancel(make_worker):
-    def prepare(job):
-        if job.request.prompt == "stale":
-            raise RequestError("the latest frame is stale")
-        return RGB, None, 0.0
+    def stale():
+        raise RequestError("the latest frame is stale")
 
-    worker = make_worker(prepare=prepare)
-    out = run(worker, request(prompt="stale"))
+    worker = make_worker()
+    out = run(worker, request(prompt="stale", image=Img(stale)))
     assert not out.success and out.message == "the latest frame is stale"
     out = run(worker, request(prompt="x" * 20000))
     assert not out.success and out.message.startswith("PromptTooLongError")
 
     seen = []
-    job = Job(request(tokens=1500, on_delta=lambda text, delta, n: seen.append(n)))
+    job = worker.job(request(tokens=1500, on_delta=lambda text, delta, n: seen.append(n)))
     assert worker.submit(job) is None
     wait_until(lambda: seen, what="the first token")
     job.cancel.set()
     assert job.wait(30)
     assert job.outcome.success and job.outcome.finish_reason == "cancelled"
-    assert 1 <= job.outcome.timings["generated_tokens"] < 1500
+    assert 1 <= job.outcome.timings.generated_tokens < 1500
     assert worker.published == []  # partial text is not published as a caption
     assert run(worker, request()).success  # and the pipeline is free again
 
 
 def test_stop_answers_queued_jobs_and_cancels_the_running_one(make_worker):
     worker = make_worker(max_queue=4)
-    first = Job(request(tokens=1500, on_delta=lambda *a: time.sleep(0.001)))
-    queued = [Job(request()) for _ in range(3)]
+    first = worker.job(request(tokens=1500, on_delta=lambda *a: time.sleep(0.001)))
+    queued = [worker.job(request()) for _ in range(3)]
     for j in (first, *queued):
         assert worker.submit(j) is None
     wait_until(lambda: worker.state() == ("generating", 3), what="one running, three waiting")
@@ -180,7 +213,7 @@ def test_stop_answers_queued_jobs_and_cancels_the_running_one(make_worker):
         assert j.outcome.message == "the node is shutting down"
     assert worker.join(10)  # the running generation stopped at a token
     assert not worker.pipeline.busy
-    refusal = worker.submit(Job(request()))
+    refusal = worker.submit(worker.job(request()))
     assert refusal.message == "the node is shutting down" and not refusal.refused  # not busy
 
 
@@ -188,13 +221,12 @@ def test_stop_does_not_wait_for_a_model_run_that_cannot_be_interrupted(make_work
     """A long ViT pass or prefill has no token boundary: stop() answers, join() is bounded."""
     inside, release = threading.Event(), threading.Event()
 
-    def long_vit(job):
+    def long_vit():
         inside.set()
         release.wait(10)
-        return RGB, None, 0.0
 
-    worker = make_worker(prepare=long_vit)
-    job = Job(request())
+    worker = make_worker()
+    job = worker.job(request(image=Img(long_vit)))
     assert worker.submit(job) is None
     assert inside.wait(10)
     worker.stop()
@@ -208,15 +240,15 @@ def test_a_request_pre_empts_continuous_mode(make_worker):
     """With max_queue 0, a request during a continuous caption is served, not refused."""
     worker = make_worker(max_queue=0)
     started = threading.Event()
-    cont = Job(request(tokens=1500, source=CONTINUOUS,
-                       on_delta=lambda *a: started.set()))
+    cont = worker.job(request(tokens=1500, source=CONTINUOUS,
+                              on_delta=lambda *a: started.set()))
     assert worker.submit(cont, only_if_idle=True) is None
     assert started.wait(10)
-    refusal = worker.submit(Job(request(source=CONTINUOUS)), only_if_idle=True)
+    refusal = worker.submit(worker.job(request(source=CONTINUOUS)), only_if_idle=True)
     assert refusal is not None and refusal.refused  # continuous never queues behind anything
-    req = Job(request())
+    req = worker.job(request())
     assert worker.submit(req) is None  # the continuous caption gives way
-    busy = worker.submit(Job(request()))  # but the bound holds for requests
+    busy = worker.submit(worker.job(request()))  # but the bound holds for requests
     assert busy is not None and busy.refused and "max_queue 0" in busy.message
     assert cont.wait(30) and cont.outcome.finish_reason == "cancelled"
     assert req.wait(30) and req.outcome.success and req.outcome.finish_reason == "length"
@@ -265,7 +297,7 @@ def test_a_published_caption_is_not_failed_by_a_racing_timeout(make_worker):
         release.wait(10)
 
     worker = make_worker(on_caption=slow_publish)
-    job = Job(request())
+    job = worker.job(request())
     assert worker.submit(job) is None
     assert publishing.wait(30)  # the worker claimed the job and is publishing its caption
     assert not job.finish(Outcome.fail("timed out after 1 s"))  # the handler's timeout loses

@@ -170,23 +170,34 @@ def _load_json_tokenizer(path: Path) -> HFTokenizer:
                             "it from the checkpoint") from None
 
 
+try:  # tokenizers >= 0.21 (requirements/runtime.txt pins 0.23.3)
+    from tokenizers.decoders import DecodeStream
+except ImportError:  # older tokenizers, as requirements/board.txt still allows (>= 0.19)
+    DecodeStream = None
+
+
 class StreamDecoder:
     """Incremental detokenisation for streaming, O(1) work per token.
 
-    `push(token_id)` returns the new text since the last call. Like transformers' TextStreamer
-    and onnxruntime-genai's TokenizerStream it decodes only a short window: the ids from
-    `prefix` (the start of the last emitted piece, for context) to the end, and emits what
-    follows the decoded `prefix:read` part. Text that ends in an incomplete UTF-8 sequence
-    (decoded as U+FFFD) is held back until the next tokens complete it, so no delta ever holds
-    half a character; `flush()` returns what is left. The concatenated deltas equal
-    `decode(all ids)`.
+    `push(token_id)` returns the new text since the last call, never half a UTF-8 character:
+    text that ends in an incomplete sequence is held back until the next tokens complete it;
+    `flush()` returns what is left (a dangling partial character, as U+FFFD). The concatenated
+    deltas equal `decode(all ids)`.
+
+    The work is tokenizers' own `DecodeStream` where the installed version has it (0.21 on).
+    Older versions get the same algorithm here (what transformers' TextStreamer and
+    onnxruntime-genai's TokenizerStream do): decode only a short window of ids, from `prefix`
+    (the start of the last emitted piece, for context) to the end, and emit what follows the
+    decoded `prefix:read` part.
     """
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, use_library: bool = True):
         self._tok = tokenizer
         self.ids: list[int] = []
         self._pieces: list[str] = []  # the deltas emitted so far
-        self._prefix = 0  # ids[prefix:read] decode to the end of the emitted text
+        use = use_library and DecodeStream is not None
+        self._stream = DecodeStream(skip_special_tokens=True) if use else None
+        self._prefix = 0  # (fallback) ids[prefix:read] decode to the end of the emitted text
         self._read = 0
 
     @property
@@ -196,16 +207,23 @@ class StreamDecoder:
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
+        if self._stream is not None:
+            delta = self._stream.step(self._tok._tok, int(token_id)) or ""
+        else:
+            delta = self._push_window()
+        if delta:
+            self._pieces.append(delta)
+        return delta
+
+    def _push_window(self) -> str:
         window = self.ids[self._prefix:]
         seen = (self._tok.decode(window[:self._read - self._prefix])
                 if self._read > self._prefix else "")
         now = self._tok.decode(window)
         if len(now) <= len(seen) or now.endswith("\ufffd") or not now.startswith(seen):
             return ""  # nothing new yet, or a character is still incomplete
-        delta = now[len(seen):]
-        self._pieces.append(delta)
         self._prefix, self._read = self._read, len(self.ids)
-        return delta
+        return now[len(seen):]
 
     def flush(self) -> str:
         """The rest of the text (e.g. a dangling partial character, as U+FFFD)."""

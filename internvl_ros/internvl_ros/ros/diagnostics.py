@@ -47,6 +47,28 @@ class Stats:
             return out
 
 
+class Period:
+    """What went wrong since the previous status: frames dropped, requests failed."""
+
+    def __init__(self):
+        self._last: dict = {}
+
+    def warnings(self, stats: dict) -> list[str]:
+        out = []
+        dropped = stats["frames_dropped"] - self._last.get("frames_dropped", 0)
+        if dropped > 0:
+            kinds = ", ".join(f"{k} {n - self._last.get('dropped_by_kind', {}).get(k, 0)}"
+                              for k, n in sorted(stats["dropped_by_kind"].items())
+                              if n > self._last.get("dropped_by_kind", {}).get(k, 0))
+            out.append(f"{dropped} bad frame(s) dropped since the last status ({kinds})")
+        failed = stats["requests_failed"] - self._last.get("requests_failed", 0)
+        if failed > 0:
+            out.append(f"{failed} request(s) failed since the last status; last: "
+                       f"{stats['last_error']}")
+        self._last = stats
+        return out
+
+
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"

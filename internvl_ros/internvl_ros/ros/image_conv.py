@@ -1,6 +1,6 @@
 """Turn the fields of sensor_msgs/Image and sensor_msgs/CompressedImage into RGB uint8 arrays.
 
-numpy only; rclpy is never imported here. Messages are duck-typed: anything with the fields of
+numpy and OpenCV; rclpy is never imported here. Messages are duck-typed: anything with the fields of
 ``sensor_msgs/Image`` (``height``, ``width``, ``encoding``, ``is_bigendian``, ``step``, ``data``)
 or ``sensor_msgs/CompressedImage`` (``format``, ``data``) works, so tests can pass plain objects.
 
@@ -8,19 +8,18 @@ Two steps, so that a 30 Hz camera stays cheap:
 
 - ``check_frame(msg, max_dim)`` validates on arrival in O(1) (header fields, data size, the
   magic bytes, dimensions and end marker of compressed data) and raises ``BadFrameError``.
-- ``frame_to_rgb(msg, max_dim)`` converts at request time. Raw frames go through cv_bridge when
-  it imports, else rosbags-image, else the numpy code below; our own step strips row padding
-  and fixes byte order first, because the libraries do not all handle ``step > width * bpp``.
-  Compressed frames are decoded with OpenCV (what cv_bridge and rosbags-image use), else Pillow.
+- ``frame_to_rgb(msg, max_dim)`` converts at request time, always the same way, so pixels do
+  not depend on which packages are installed: our own step strips row padding and fixes byte
+  order, then OpenCV converts colour order, YUV 4:2:2 and Bayer (``cv2.cvtColor``) and decodes
+  JPEG/PNG (``cv2.imdecode``, EXIF orientation ignored).
 """
 
 from __future__ import annotations
 
 import struct
-import sys
 from dataclasses import dataclass
-from types import SimpleNamespace
 
+import cv2
 import numpy as np
 
 from internvl_ros.core.errors import ImageDecodeError
@@ -238,173 +237,55 @@ def _u16_to_u8(x: np.ndarray) -> np.ndarray:
     return ((x.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
 
 
-def _yuv_to_rgb(y: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """BT.601 limited range (what OpenCV uses for YUV 4:2:2). Shapes (h, w) -> (h, w, 3)."""
-    y = (y.astype(np.float32) - 16.0) * 1.164
-    u = u.astype(np.float32) - 128.0
-    v = v.astype(np.float32) - 128.0
-    r = y + 1.596 * v
-    g = y - 0.813 * v - 0.391 * u
-    b = y + 2.018 * u
-    return np.clip(np.rint(np.stack([r, g, b], axis=-1)), 0, 255).astype(np.uint8)
+# encoding -> the OpenCV conversion of its (h, w, channels) pixels to RGB. ROS names a Bayer
+# pattern by its first two rows, OpenCV by the second and third pixels of its second row, so
+# bayer_rggb8 is OpenCV's BayerBG (the mapping cv_bridge uses).
+_TO_RGB = {
+    "bgr8": cv2.COLOR_BGR2RGB,
+    "bgr16": cv2.COLOR_BGR2RGB,
+    "rgba8": cv2.COLOR_RGBA2RGB,
+    "bgra8": cv2.COLOR_BGRA2RGB,
+    "mono8": cv2.COLOR_GRAY2RGB,
+    "mono16": cv2.COLOR_GRAY2RGB,
+    "yuv422": cv2.COLOR_YUV2RGB_UYVY,
+    "uyvy": cv2.COLOR_YUV2RGB_UYVY,
+    "yuyv": cv2.COLOR_YUV2RGB_YUYV,
+    "yuv422_yuy2": cv2.COLOR_YUV2RGB_YUYV,
+    "bayer_rggb8": cv2.COLOR_BayerBG2RGB,
+    "bayer_bggr8": cv2.COLOR_BayerRG2RGB,
+    "bayer_gbrg8": cv2.COLOR_BayerGR2RGB,
+    "bayer_grbg8": cv2.COLOR_BayerGB2RGB,
+}
 
 
-def _yuv422_to_rgb(px: np.ndarray, uyvy: bool) -> np.ndarray:
-    """(h, w, 2) packed 4:2:2 -> (h, w, 3) RGB."""
-    h, w, _ = px.shape
-    quad = px.reshape(h, w // 2, 4)  # one chroma pair per two pixels
-    if uyvy:
-        u, y0, v, y1 = (quad[..., k] for k in range(4))
-    else:
-        y0, u, y1, v = (quad[..., k] for k in range(4))
-    y = np.stack([y0, y1], axis=-1).reshape(h, w)  # (h, w)
-    u = np.repeat(u, 2, axis=1)  # (h, w)
-    v = np.repeat(v, 2, axis=1)
-    return _yuv_to_rgb(y, u, v)
-
-
-def _box3(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    """3x3 correlation with zero padding. (h, w) float32 -> (h, w)."""
-    h, w = x.shape
-    p = np.pad(x, 1)
-    out = np.zeros_like(x)
-    for dy in range(3):
-        for dx in range(3):
-            if kernel[dy, dx]:
-                out += kernel[dy, dx] * p[dy : dy + h, dx : dx + w]
-    return out
-
-
-_K_GREEN = np.array([[0, 1, 0], [1, 4, 1], [0, 1, 0]], np.float32)
-_K_RB = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], np.float32)
-
-
-def _demosaic(raw: np.ndarray, pattern: str) -> np.ndarray:
-    """Bilinear demosaic of an 8-bit Bayer mosaic. pattern like 'rggb'. (h, w) -> (h, w, 3)."""
-    h, w = raw.shape
-    x = raw.astype(np.float32)
-    out = np.empty((h, w, 3), np.float32)
-    for c, name in enumerate("rgb"):
-        mask = np.zeros((h, w), np.float32)
-        for k, p in enumerate(pattern):  # 2x2 cell: k = 2*row + col
-            if p == name:
-                mask[k // 2 :: 2, k % 2 :: 2] = 1.0
-        kern = _K_GREEN if name == "g" else _K_RB
-        # normalised convolution: average of the known neighbours, exact where known
-        est = _box3(x * mask, kern) / np.maximum(_box3(mask, kern), 1e-6)
-        out[..., c] = np.where(mask > 0, x, est)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
-
-
-def image_to_rgb_numpy(msg) -> np.ndarray:
-    """Our own conversion of a validated Image to (h, w, 3) RGB uint8."""
-    enc = str(msg.encoding).strip().lower()
-    px = pack_rows(msg)  # (h, w, c)
-    if enc in ("yuv422", "uyvy"):
-        return _yuv422_to_rgb(px, uyvy=True)
-    if enc in ("yuyv", "yuv422_yuy2"):
-        return _yuv422_to_rgb(px, uyvy=False)
-    if enc.startswith("bayer_"):
-        return _demosaic(px[..., 0], enc[len("bayer_") : len("bayer_") + 4])
-    if px.dtype == np.uint16:
-        px = _u16_to_u8(px)
-    if enc.startswith("mono"):
-        return np.repeat(px, 3, axis=2)
-    if enc.startswith("bgr"):
-        px = px[..., 2::-1]
-    return np.ascontiguousarray(px[..., :3])
-
-
-def _packed_msg(msg, px: np.ndarray) -> SimpleNamespace:
-    """An Image-like object with tight rows in native byte order (for the libraries)."""
-    h, w = px.shape[:2]
-    return SimpleNamespace(
-        header=getattr(msg, "header", None),
-        height=h,
-        width=w,
-        encoding=str(msg.encoding).strip().lower(),
-        is_bigendian=int(sys.byteorder == "big"),
-        step=px.strides[0],
-        data=px.tobytes(),
-    )
-
-
-def _cv_bridge():
-    try:
-        from cv_bridge import CvBridge
-
-        return CvBridge()
-    except Exception:  # ImportError, or a cv_bridge built against another numpy
-        return None
-
-
-def _rosbags_image():
-    try:
-        from rosbags.image import image_to_cvimage
-
-        return image_to_cvimage
-    except Exception:
-        return None
-
-
-def _cv2():
-    try:
-        import cv2
-
-        return cv2
-    except Exception:
-        return None
-
-
-_CONVERTERS: dict[str, object] = {}  # name -> converter or None; filled once
-
-
-def available_converters() -> list[str]:
-    """Converters for raw frames that import here, in order of preference."""
-    if not _CONVERTERS:  # import once: a failed import is not cached by Python
-        _CONVERTERS["cv_bridge"] = _cv_bridge()
-        _CONVERTERS["rosbags"] = _rosbags_image()
-    names = [n for n in ("cv_bridge", "rosbags") if _CONVERTERS.get(n) is not None]
-    return [*names, "numpy"]
-
-
-def image_to_rgb(msg, converter: str = "auto") -> np.ndarray:
+def image_to_rgb(msg) -> np.ndarray:
     """Convert a validated sensor_msgs/Image to (h, w, 3) RGB uint8.
 
-    converter: 'auto' (cv_bridge, else rosbags-image, else numpy) or one of those names.
+    One converter: our own row packing (padding, byte order), 16 -> 8 bit scaling like
+    cv_bridge, then OpenCV's cvtColor (colour order, YUV 4:2:2, Bayer demosaic).
     """
-    names = available_converters()
-    if converter != "auto" and converter not in names:
-        raise ValueError(f"converter '{converter}' is not available here; available: {names}")
-    name = names[0] if converter == "auto" else converter
-    if name == "numpy":
-        return image_to_rgb_numpy(msg)
-    packed = _packed_msg(msg, pack_rows(msg))
-    try:
-        if name == "cv_bridge":
-            out = _CONVERTERS["cv_bridge"].imgmsg_to_cv2(packed, desired_encoding="rgb8")
-        else:
-            out = _CONVERTERS["rosbags"](packed, "rgb8")
-    except Exception:  # the library refused this encoding: our own code covers it
-        return image_to_rgb_numpy(msg)
-    out = np.asarray(out)
-    if out.ndim != 3 or out.shape[2] != 3 or out.dtype != np.uint8:
-        return image_to_rgb_numpy(msg)
-    return np.ascontiguousarray(out)
+    enc = str(msg.encoding).strip().lower()
+    px = pack_rows(msg)  # (h, w, c), uint8 or native uint16
+    if px.dtype == np.uint16:
+        px = _u16_to_u8(px)
+    code = _TO_RGB.get(enc)
+    if code is None:  # rgb8, rgb16
+        return np.ascontiguousarray(px)
+    if px.shape[2] == 1:
+        px = px[..., 0]  # (h, w): what cvtColor takes for gray and Bayer
+    return cv2.cvtColor(px, code)
 
 
 def compressed_to_rgb(msg, max_dim: int) -> np.ndarray:
     """Decode a validated CompressedImage (JPEG or PNG) to (h, w, 3) RGB uint8."""
     info = check_compressed(msg, max_dim)  # never decode a header we have not checked
     buf = np.ascontiguousarray(_as_bytes_view(msg.data))
-    cv2 = _cv2()
-    if cv2 is not None:
-        bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)  # 8-bit, 3 channels, also for gray/16-bit
-        if bgr is None:
-            raise BadFrameError("corrupt", f"{info.encoding} data ({len(buf)} bytes) is corrupt")
-        rgb = np.ascontiguousarray(bgr[..., ::-1])
-    else:
-        rgb = _decode_with_pillow(buf, info)
+    # 8-bit, 3 channels, also for gray/16-bit; as stored: camera drivers mean the pixels as
+    # they are, and an EXIF orientation tag would rotate them away from the header's size
+    bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if bgr is None:
+        raise BadFrameError("corrupt", f"{info.encoding} data ({len(buf)} bytes) is corrupt")
+    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     if rgb.shape[:2] != (info.height, info.width):
         raise BadFrameError(
             "corrupt",
@@ -414,26 +295,9 @@ def compressed_to_rgb(msg, max_dim: int) -> np.ndarray:
     return rgb
 
 
-def _decode_with_pillow(buf: np.ndarray, info: FrameInfo) -> np.ndarray:
-    try:
-        import io
-
-        from PIL import Image
-    except ImportError as e:
-        raise ImageDecodeError(
-            "decoding compressed images needs OpenCV (python3-opencv or opencv-python-headless) "
-            "or Pillow; install one, or publish raw images and set image_transport: raw"
-        ) from e
-    try:
-        with Image.open(io.BytesIO(buf.tobytes())) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
-    except Exception as e:
-        raise BadFrameError("corrupt", f"{info.encoding} data ({len(buf)} bytes): {e}") from e
-
-
-def frame_to_rgb(msg, max_dim: int, converter: str = "auto") -> np.ndarray:
+def frame_to_rgb(msg, max_dim: int) -> np.ndarray:
     """Validate and convert a raw or compressed frame to (h, w, 3) RGB uint8."""
     if is_compressed(msg):
         return compressed_to_rgb(msg, max_dim)
     check_image(msg, max_dim)
-    return image_to_rgb(msg, converter)
+    return image_to_rgb(msg)

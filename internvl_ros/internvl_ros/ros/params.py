@@ -28,11 +28,14 @@ class Param:
     choices: tuple[str, ...] = ()
 
     def __post_init__(self):
-        if isinstance(self.default, bool) or not isinstance(self.default, (int, float, str)):
+        if not isinstance(self.default, (bool, int, float, str)):
             raise TypeError(f"parameter {self.name}: unsupported default {self.default!r}")
         if (self.lo is None) != (self.hi is None):
             raise ValueError(f"parameter {self.name}: give both lo and hi, or neither")
-        if isinstance(self.default, str):
+        if isinstance(self.default, bool):
+            if self.lo is not None or self.choices:
+                raise ValueError(f"parameter {self.name}: a bool has neither range nor choices")
+        elif isinstance(self.default, str):
             if self.lo is not None:
                 raise ValueError(f"parameter {self.name}: a string has choices, not a range")
             if self.choices and self.default not in self.choices:
@@ -49,7 +52,8 @@ class Param:
         return None
 
 
-MODEL, IMAGES, GENERATION, REQUESTS, CONTINUOUS = (
+LIFECYCLE, MODEL, IMAGES, GENERATION, REQUESTS, CONTINUOUS = (
+    "lifecycle",
     "model",
     "images",
     "generation",
@@ -58,6 +62,11 @@ MODEL, IMAGES, GENERATION, REQUESTS, CONTINUOUS = (
 )
 
 PARAMS: tuple[Param, ...] = (
+    # --- lifecycle
+    Param("autostart", True, "Configure (load the model) and activate at start-up, as a plain "
+          "node does. false: the node waits, unconfigured, for lifecycle transitions "
+          "(ros2 lifecycle set /internvl configure, then activate).", LIFECYCLE,
+          read_only=True),
     # --- model and backend: read at start-up only (restart the node to change them)
     Param("model_dir", "", "Model directory (docs/MODEL_DIR.md): the onnxruntime export or the "
           "Axera download. Required.", MODEL, read_only=True),
@@ -130,6 +139,7 @@ def descriptor(p: Param):
     )
 
     kind = {
+        bool: ParameterType.PARAMETER_BOOL,
         str: ParameterType.PARAMETER_STRING,
         int: ParameterType.PARAMETER_INTEGER,
         float: ParameterType.PARAMETER_DOUBLE,
@@ -142,7 +152,9 @@ def descriptor(p: Param):
     d = ParameterDescriptor(name=p.name, type=kind, description=text, read_only=p.read_only)
     if p.choices:
         d.additional_constraints = "one of: " + ", ".join(p.choices)
-    if isinstance(p.default, int):
+    if isinstance(p.default, bool):
+        d.additional_constraints = "true or false"
+    elif isinstance(p.default, int):
         d.integer_range = [IntegerRange(from_value=int(p.lo), to_value=int(p.hi), step=0)]
     elif isinstance(p.default, float):
         d.floating_point_range = [

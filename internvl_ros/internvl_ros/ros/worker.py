@@ -1,9 +1,11 @@
 """One thread that owns the pipeline and runs one generation at a time from a bounded queue.
 
-No rclpy here. The node's handlers build a ``Job``, ``submit`` it (refused at once when the queue
-is full) and wait on it; the worker (or the handler, on timeout or cancel) finishes it exactly once.
-Continuous-mode jobs never hold a slot a request wants: a request cancels a running continuous
-caption and replaces a queued one.
+No rclpy here. A ``Job`` carries everything its generation needs: the chosen image (a source
+that decodes itself), the GenerationConfig, and the callback that publishes a finished caption.
+The worker never reaches back into the node. Handlers ``submit`` a job (refused at once when
+the queue is full) and wait on it; the worker (or the handler, on timeout or cancel) finishes it
+exactly once. Continuous-mode jobs never hold a slot a request wants: a request cancels a
+running continuous caption and replaces a queued one.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Protocol
 
-from internvl_ros.core.errors import InternVLError
+from internvl_ros.core.errors import BackendError, InternVLError
+from internvl_ros.core.pipeline import Timings
 
 CONTINUOUS = "continuous"  # Request.source of continuous-mode jobs
 SHUTTING_DOWN = "the node is shutting down"
@@ -34,7 +38,7 @@ class Outcome:
     text: str = ""
     finish_reason: str = ""
     header: object = None  # std_msgs/Header of the described image
-    timings: dict = field(default_factory=dict)
+    timings: Timings = field(default_factory=Timings)  # the core's, end to end (see _run)
     refused: bool = False  # busy: never queued
 
     @classmethod
@@ -42,16 +46,23 @@ class Outcome:
         return cls(False, message, header=header, **kw)
 
 
+class ImageSource(Protocol):
+    """The image a job describes: a frame the node received, or the request's own image."""
+
+    def decode(self, max_dim: int) -> tuple:
+        """(rgb (h, w, 3) uint8, std_msgs/Header); raises RequestError saying why not."""
+
+
 @dataclass
 class Request:
-    """A generation to run. ``image`` None means: the latest frame, checked at generation time."""
+    """A generation to run, with everything it needs (nothing is looked up later)."""
 
     prompt: str
     system_prompt: str | None
-    max_new_tokens: int
-    max_frame_age: float  # seconds; inf accepts any age
+    config: object  # core GenerationConfig (max_new_tokens already within the parameter range)
+    image: ImageSource
     source: str  # "service", "action" or "continuous"
-    image: object = None  # a sensor_msgs Image or CompressedImage from the request
+    max_image_dim: int = 4096
     on_delta: Callable[[str, str, int], None] | None = None  # (text so far, delta, n tokens)
     arrival: float = field(default_factory=time.monotonic)
 
@@ -63,8 +74,9 @@ class Job:
     ``finish(..., claimed=True)`` counts, so a timeout cannot fail a job whose caption went out.
     """
 
-    def __init__(self, request: Request):
+    def __init__(self, request: Request, on_caption: Callable[[Job, Outcome], None] | None = None):
         self.request = request
+        self.on_caption = on_caption  # publishes a finished caption (worker thread)
         self.cancel = threading.Event()
         self.started = False
         self.outcome: Outcome | None = None
@@ -100,30 +112,27 @@ class Job:
 class InferenceWorker:
     """Runs jobs one at a time on its own thread.
 
-    prepare(job) -> (rgb (h, w, 3) uint8, header, preprocess_s); raises RequestError.
-    make_config(job) -> the GenerationConfig for the job.
-    on_caption(job, outcome) is called on the worker thread for every finished caption (not for
-    failures or cancelled generations), before the job is finished: the node publishes there.
+    ``job.on_caption(job, outcome)`` is called on the worker thread for every finished caption
+    (not for failures or cancelled generations), before the job is finished: it publishes.
     """
 
-    def __init__(self, pipeline, prepare, make_config, on_caption, logger, max_queue_fn):
+    def __init__(self, pipeline, logger):
         self.pipeline = pipeline
-        self._prepare = prepare
-        self._make_config = make_config
-        self._on_caption = on_caption
         self._log = logger
-        self._max_queue = max_queue_fn
         self._queue: deque[Job] = deque()
         self._current: Job | None = None
         self._cond = threading.Condition()
         self._stopping = False
+        self._stop_reason = SHUTTING_DOWN
         self._thread = threading.Thread(target=self._loop, name="internvl-worker", daemon=True)
         self._thread.start()
 
     # --- called from handlers and timers
 
-    def submit(self, job: Job, only_if_idle: bool = False) -> Outcome | None:
+    def submit(self, job: Job, max_queue: int, only_if_idle: bool = False) -> Outcome | None:
         """Queue ``job``; None, or the outcome that refuses it (busy, or shutting down).
+
+        ``max_queue`` requests may wait while one generation runs.
 
         A request (any source but continuous) first pre-empts continuous mode: a running
         continuous caption is cancelled (it stops before its next token) and does not count
@@ -132,12 +141,11 @@ class InferenceWorker:
         """
         with self._cond:
             if self._stopping:
-                return Outcome.fail(SHUTTING_DOWN)
+                return Outcome.fail(self._stop_reason)
             if only_if_idle and (self._current is not None or self._queue):
                 return Outcome.fail("busy: not idle", refused=True)
             if job.request.source != CONTINUOUS:
                 self._preempt_continuous()
-            max_queue = int(self._max_queue())
             cur = self._current
             running = cur is not None and cur.request.source != CONTINUOUS  # that one stops
             if len(self._queue) + running >= 1 + max_queue:
@@ -180,14 +188,15 @@ class InferenceWorker:
                 return "stopped", len(self._queue)
             return ("generating" if self._current else "idle"), len(self._queue)
 
-    def stop(self) -> None:
+    def stop(self, reason: str = SHUTTING_DOWN) -> None:
         """Fail everything queued and cancel the running generation; does not wait (see join).
 
-        Every job gets its outcome now ("the node is shutting down"), except one whose caption
-        the worker is publishing at this moment (it keeps its caption).
+        Every job gets its outcome now (``reason``), except one whose caption the worker is
+        publishing at this moment (it keeps its caption).
         """
         with self._cond:
             self._stopping = True
+            self._stop_reason = reason
             pending = list(self._queue)
             self._queue.clear()
             if self._current is not None:
@@ -195,7 +204,7 @@ class InferenceWorker:
                 self._current.cancel.set()  # stops before the next token
             self._cond.notify_all()
         for job in pending:
-            job.finish(Outcome.fail(SHUTTING_DOWN))
+            job.finish(Outcome.fail(reason))
 
     def join(self, timeout: float | None) -> bool:
         """Wait for the worker thread to exit (after stop); True when it has."""
@@ -226,6 +235,7 @@ class InferenceWorker:
                 job.finish(Outcome.fail(f"internal error: {type(e).__name__}: {e}"),
                            claimed=True)
             finally:
+                job = None  # don't keep the last job (and its frame) alive while idle
                 with self._cond:
                     self._current = None
 
@@ -238,7 +248,8 @@ class InferenceWorker:
         is_caption = outcome.success and outcome.finish_reason != "cancelled"
         if is_caption and job.claim():  # not timed out meanwhile, and now it cannot be
             try:
-                self._on_caption(job, outcome)
+                if job.on_caption is not None:
+                    job.on_caption(job, outcome)
             except Exception as e:  # publishing must not fail the request
                 self._log.error(f"publishing a caption failed: {e}")
             job.finish(outcome, claimed=True)
@@ -250,11 +261,11 @@ class InferenceWorker:
         header = None
         t_first = None
         try:
-            rgb, header, convert_s = self._prepare(job)
-            config = self._make_config(job)
-            gen = self.pipeline.generate(
-                req.prompt, images=[rgb], system_prompt=req.system_prompt, config=config
-            )
+            t0 = time.monotonic()
+            rgb, header = req.image.decode(req.max_image_dim)
+            convert_s = time.monotonic() - t0
+            gen = self.pipeline.generate(req.prompt, images=[rgb], system_prompt=req.system_prompt,
+                                         config=self._clamp(req.config))
             try:
                 text, n = "", 0
                 for step in gen:
@@ -262,7 +273,7 @@ class InferenceWorker:
                         t_first = time.monotonic()
                     n += 1
                     text += step.text_delta
-                    if req.on_delta is not None:
+                    if req.on_delta is not None and not job.cancel.is_set():
                         req.on_delta(text, step.text_delta, n)
                     if job.cancel.is_set():
                         gen.cancel()  # takes effect before the next token
@@ -272,20 +283,22 @@ class InferenceWorker:
                     gen.close()
         except RequestError as e:
             return Outcome.fail(str(e), header=header)
+        except BackendError as e:  # the core wrapped the backend's failure (and reset its cache)
+            return self._backend_failed(e, str(e), header)
         except InternVLError as e:  # prompt too long, bad image, model contract...
             return Outcome.fail(f"{type(e).__name__}: {e}", header=header)
-        except Exception as e:  # the backend failed mid-generation (the core reset the cache)
-            self._log.error(f"generation failed: {e!r}\n{traceback.format_exc()}")
-            self._reset()
-            return Outcome.fail(f"backend error: {type(e).__name__}: {e}", header=header)
+        except Exception as e:  # a backend error the core did not wrap
+            return self._backend_failed(e, f"{type(e).__name__}: {e}", header)
         t_end = time.monotonic()
-        timings = timings_dict(res.timings)
         # end to end, as the caller sees it: from the request's arrival (queue wait included)
-        timings["preprocess"] = timings.get("preprocess", 0.0) + convert_s
-        timings["ttft"] = (t_first - req.arrival) if t_first is not None else 0.0
-        timings["total"] = t_end - req.arrival
-        timings["generated_tokens"] = len(res.token_ids)
-        timings["prompt_tokens"] = len(res.prompt_token_ids)
+        timings = replace(
+            res.timings,
+            preprocess_s=res.timings.preprocess_s + convert_s,
+            ttft_s=(t_first - req.arrival) if t_first is not None else 0.0,
+            total_s=t_end - req.arrival,
+            generated_tokens=len(res.token_ids),
+            prompt_tokens=len(res.prompt_token_ids),
+        )
         cancelled = res.finish_reason == "cancelled"
         return Outcome(
             success=True,
@@ -296,6 +309,21 @@ class InferenceWorker:
             timings=timings,
         )
 
+    def _clamp(self, config):
+        """max_new_tokens within the context: a uint32 from a request must not size buffers.
+
+        The generation still ends with finish_reason "context" when the prompt leaves less.
+        """
+        limit = getattr(self.pipeline, "max_context", None)
+        if isinstance(limit, int) and config.max_new_tokens > limit:
+            return replace(config, max_new_tokens=limit)
+        return config
+
+    def _backend_failed(self, e: BaseException, what: str, header) -> Outcome:
+        self._log.error(f"generation failed: {what}\n{traceback.format_exc()}")
+        self._reset()
+        return Outcome.fail(f"backend error: {what}", header=header)
+
     def _reset(self) -> None:
         """Drop any state a failed generation left behind. The core's Generation already resets
         the KV cache when a step fails; a pipeline-level reset() is called too if it has one."""
@@ -305,22 +333,3 @@ class InferenceWorker:
                 reset()
             except Exception as e:
                 self._log.error(f"resetting the pipeline failed: {e!r}")
-# Timings.msg field -> the core's Timings field
-_TIMING_FIELDS = {
-    "preprocess": "preprocess_s",
-    "vit": "vit_s",
-    "prefill": "prefill_s",
-    "ttft": "ttft_s",
-    "decode": "decode_s",
-    "prompt_tokens": "prompt_tokens",
-    "generated_tokens": "generated_tokens",
-    "tokens_per_second": "decode_tokens_per_s",
-}
-
-
-def timings_dict(t) -> dict:
-    """The core's Timings as {Timings.msg field: value}."""
-    if t is None:
-        return {}
-    src = t if isinstance(t, dict) else t.to_dict()
-    return {k: src[v] for k, v in _TIMING_FIELDS.items() if v in src}

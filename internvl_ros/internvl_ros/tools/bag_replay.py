@@ -41,6 +41,7 @@ from internvl_ros.tools.bagio import (
 )
 
 EXIT_OK, EXIT_USAGE, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 2, 3, 130
+DISCOVERY_SETTLE_S = 1.0  # after the service appears, for the node to discover us in turn
 
 
 class NodeTimeout(Exception):
@@ -213,9 +214,8 @@ class Recorder:
 
 
 def timings_dict(timings) -> dict:
-    names = ("preprocess", "vit", "prefill", "ttft", "decode", "total", "prompt_tokens",
-             "generated_tokens", "tokens_per_second")
-    return {name: getattr(timings, name) for name in names}
+    """A Timings message as {field: value}: every field the message has, by its own names."""
+    return {name: getattr(timings, name) for name in timings.get_fields_and_field_types()}
 
 
 def to_ros_image(frame: BagFrame):
@@ -348,14 +348,24 @@ class Replay:
         if not self.client.wait_for_service(timeout_sec=self.args.timeout):
             raise NodeTimeout(f"service {self.node_name}/describe is not available after "
                               f"{self.args.timeout:.0f} s")
+        if self.recorder:  # the node's captions must reach us from the first one on
+            deadline = time.monotonic() + min(5.0, self.args.timeout)
+            while (self.node.count_publishers(f"{self.node_name}/caption_stamped") == 0
+                   and time.monotonic() < deadline):
+                time.sleep(0.05)
+        if not self.args.live:
+            # Each request carries its frame: the node's subscription does not matter. But the
+            # node must have discovered our client too, or Fast DDS drops its first response
+            # ("failed to send response (timeout)"); rclpy cannot tell when it has.
+            time.sleep(min(DISCOVERY_SETTLE_S, self.args.timeout))
+            return
         # Give the node's image subscription a moment to match our publisher.
         deadline = time.monotonic() + min(5.0, self.args.timeout)
         while self.pub.get_subscription_count() == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
-        if self.args.live:
-            # The node may re-subscribe once it sees our (reliable) publisher: let it settle
-            # before frames count, or the first request finds no frame.
-            time.sleep(1.5)
+        # The node may re-subscribe once it sees our (reliable) publisher: let it settle
+        # before frames count, or the first request finds no frame.
+        time.sleep(1.5)
 
     def _request(self, frame: BagFrame):
         # any frame age: a replay may pause (waiting for answers) longer than the node's limit
