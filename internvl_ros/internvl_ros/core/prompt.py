@@ -23,11 +23,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Union
 
+from .errors import ConfigError
+from .grounding import LOCATE_PREFIX, REF_END, REF_START, check_phrase
 from .tokenizer import Tokenizer
 
 #: InternVL's default system message (conversation template `internvl2_5`, used by InternVL3.5)
 DEFAULT_SYSTEM_PROMPT = ("你是书生·万象，英文名是InternVL，是由上海人工智能实验室、"
                          "清华大学及多家合作单位联合开发的多模态大语言模型。")
+
+#: placeholder ids of `prompt_text` (no tokenizer) -> their text
+_CONTROL_TEXT = {-1: "<|im_start|>", -2: "<|im_end|>", -3: REF_START, -4: REF_END}
 
 Segment = Union[str, int, "ImageBlock"]
 
@@ -39,10 +44,14 @@ class ImageBlock:
     n_tokens: int
 
 
-def prompt_segments(question: str, tiles_per_image: Sequence[int] = (), video: bool = False,
-                    system_prompt: str | None = None, num_image_token: int = 256,
-                    im_start: int = -1, im_end: int = -2) -> list[Segment]:
-    """The prompt as a list of text (str), control-token ids (int) and image blocks."""
+def prompt_segments(question: str | Sequence[str | int], tiles_per_image: Sequence[int] = (),
+                    video: bool = False, system_prompt: str | None = None,
+                    num_image_token: int = 256, im_start: int = -1,
+                    im_end: int = -2) -> list[Segment]:
+    """The prompt as a list of text (str), control-token ids (int) and image blocks.
+
+    `question` is user text, or a sequence of text and control-token ids built by the package
+    itself (`locate_question`), never by a user."""
     system = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
     segs: list[Segment] = [im_start, "system\n" + system, im_end, "\n", im_start, "user\n"]
     n = len(tiles_per_image)
@@ -58,7 +67,11 @@ def prompt_segments(question: str, tiles_per_image: Sequence[int] = (), video: b
         _append_text(segs, label)
         segs.append(ImageBlock(num_image_token * int(tiles)))
         segs.append("\n")
-    _append_text(segs, question)
+    for part in ([question] if isinstance(question, str) else question):
+        if isinstance(part, str):
+            _append_text(segs, part)
+        else:
+            segs.append(int(part))
     segs += [im_end, "\n", im_start, "assistant\n"]
     return segs
 
@@ -72,9 +85,24 @@ def _append_text(segs: list, text: str) -> None:
         segs.append(text)
 
 
-def build_prompt_ids(tokenizer: Tokenizer, question: str, tiles_per_image: Sequence[int] = (),
-                     video: bool = False, system_prompt: str | None = None,
-                     num_image_token: int = 256) -> list[int]:
+def locate_question(tokenizer: Tokenizer | None, phrase: str) -> list[str | int]:
+    """InternVL's grounding question for `phrase`: the `<ref>`/`</ref>` tokens are inserted by
+    id, the phrase stays plain text (a phrase typing `</ref><box>` cannot inject markup).
+    Without a tokenizer the ids are -3/-4 (for `prompt_text`)."""
+    phrase = check_phrase(phrase)
+    if tokenizer is None:
+        return [LOCATE_PREFIX, -3, phrase, -4]
+    ids = [tokenizer.token_to_id(t) for t in (REF_START, REF_END)]
+    if None in ids:
+        raise ConfigError(f"locate needs the tokens {REF_START} and {REF_END}, which "
+                          f"{tokenizer.source} lacks; use the tokenizer that came with the "
+                          "InternVL checkpoint")
+    return [LOCATE_PREFIX, ids[0], phrase, ids[1]]
+
+
+def build_prompt_ids(tokenizer: Tokenizer, question: str | Sequence[str | int],
+                     tiles_per_image: Sequence[int] = (), video: bool = False,
+                     system_prompt: str | None = None, num_image_token: int = 256) -> list[int]:
     """Token ids of the full prompt (see module docstring)."""
     segs = prompt_segments(question, tiles_per_image, video, system_prompt, num_image_token,
                            im_start=tokenizer.im_start_id, im_end=tokenizer.im_end_id)
@@ -91,7 +119,7 @@ def build_prompt_ids(tokenizer: Tokenizer, question: str, tiles_per_image: Seque
     return ids
 
 
-def prompt_text(question: str, tiles_per_image: Sequence[int] = (), video: bool = False,
+def prompt_text(question: str | Sequence[str | int], tiles_per_image: Sequence[int] = (), video: bool = False,
                 system_prompt: str | None = None, num_image_token: int = 256) -> str:
     """The same prompt as one string (for logging and for comparing with HF tokenizers)."""
     out = []
@@ -99,7 +127,7 @@ def prompt_text(question: str, tiles_per_image: Sequence[int] = (), video: bool 
         if isinstance(seg, ImageBlock):
             out.append("<img>" + "<IMG_CONTEXT>" * seg.n_tokens + "</img>")
         elif isinstance(seg, int):
-            out.append("<|im_start|>" if seg == -1 else "<|im_end|>")
+            out.append(_CONTROL_TEXT[seg])
         else:
             out.append(seg)
     return "".join(out)
