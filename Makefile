@@ -32,8 +32,11 @@ setup: $(BUILD_STAMP)
 $(DEPS_STAMP): $(REQS) scripts/repair_ros_wheels.py
 	@test -x $(PY) || { test -n "$(PYTHON)" || scripts/find_python.sh 3.11 3.12 3.13 3.10; \
 		$(PYTHON) -m venv $(VENV); }
+	constraints=requirements/constraints.txt; \
+	if [ "$$($(PY) -c 'import sys; print(sys.version_info[:2])')" = "(3, 10)" ]; then \
+		constraints=requirements/constraints-py310.txt; fi; \
 	$(PY) -m pip install --quiet --disable-pip-version-check \
-		-r requirements/dev.txt -c requirements/constraints.txt
+		-r requirements/dev.txt -c $$constraints
 	$(PY) scripts/repair_ros_wheels.py $(VENV)
 	@touch $@
 

@@ -23,6 +23,21 @@ import pytest
 
 TEST_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TEST_DIR.parent.parent
+LAUNCH_FILE = TEST_DIR.parent / "launch" / "internvl.launch.py"
+
+
+def _launch_file_constant(name: str, default):
+    """A literal constant of the launch file (which imports launch: not installable here)."""
+    for node in ast.parse(LAUNCH_FILE.read_text()).body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", "") for t in node.targets] == [name]:
+            return ast.literal_eval(node.value)
+    return default
+
+
+# The variables the launch file sets for the large-data profile: tests that need the profile set
+# exactly these, so they check what a user gets (test_board_fastdds.py checks the launch file
+# really sets these).
+PROFILES_FILE_VARIABLES: tuple[str, ...] = _launch_file_constant("PROFILES_FILE_VARIABLES", ())
 
 # Reference libraries: the runtime never imports them (test_no_torch.py).
 REFERENCE_LIBS = ("torch", "transformers")
@@ -83,13 +98,41 @@ def _next_domain_id() -> int:
     return 1 + (os.getpid() * 13 + next(_domain_counter) * 7) % 101
 
 
+def mapped_library(name_prefix: str) -> Path | None:
+    """The shared library this process has loaded whose file name starts with `name_prefix`."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)  # address perms offset dev inode [path]
+        if len(fields) == 6 and Path(fields[5]).name.startswith(name_prefix):
+            return Path(fields[5])
+    return None
+
+
+def localhost_discovery_env() -> dict[str, str]:
+    """The variable that keeps discovery on this host, in the spelling the installed rcl reads.
+
+    ROS_AUTOMATIC_DISCOVERY_RANGE came with Iron; Jazzy's rcl warns that ROS_LOCALHOST_ONLY is
+    deprecated (on stderr, before anything a child prints) and Kilted ignores it. Humble knows
+    only ROS_LOCALHOST_ONLY.
+    """
+    from rclpy.impl.implementation_singleton import rclpy_implementation  # noqa: F401 (loads rcl)
+
+    rcl = mapped_library("librcl.so")
+    if rcl is None:
+        raise RuntimeError("rclpy is loaded but librcl.so is not mapped: cannot tell the distro")
+    if b"ROS_AUTOMATIC_DISCOVERY_RANGE" in rcl.read_bytes():
+        return {"ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST"}
+    return {"ROS_LOCALHOST_ONLY": "1"}
+
+
 @pytest.fixture(scope="module")
 def ros_domain(monkeypatch_module) -> int:
     """An isolated ROS domain for this module, exported to the environment of subprocesses."""
     domain = _next_domain_id()
     monkeypatch_module.setenv("ROS_DOMAIN_ID", str(domain))
-    monkeypatch_module.setenv("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-    monkeypatch_module.setenv("ROS_LOCALHOST_ONLY", "1")  # Humble spelling of the same
+    for name in ("ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_LOCALHOST_ONLY"):
+        monkeypatch_module.delenv(name, raising=False)
+    for name, value in localhost_discovery_env().items():
+        monkeypatch_module.setenv(name, value)
     monkeypatch_module.setenv("PYTHONUNBUFFERED", "1")
     return domain
 
