@@ -47,10 +47,11 @@ def test_repair_rewrites_the_build_paths_of_any_cpython(tmp_path, tag, core):
 
 
 def test_find_python_finds_this_version_and_explains_a_missing_one():
-    this = "%d.%d" % sys.version_info[:2]
+    this = "{}.{}".format(*sys.version_info[:2])
     found = subprocess.run([str(FIND), "3.99", this], capture_output=True, text=True, timeout=60)
     assert found.returncode == 0, found.stderr
-    version = subprocess.run([found.stdout.strip(), "-c", "import sys; print(sys.version_info[:2])"],
+    exe = found.stdout.strip()
+    version = subprocess.run([exe, "-c", "import sys; print(sys.version_info[:2])"],
                              capture_output=True, text=True, timeout=60).stdout.strip()
     assert version == str(sys.version_info[:2])
     missing = subprocess.run([str(FIND), "3.99"], capture_output=True, text=True, timeout=60)
