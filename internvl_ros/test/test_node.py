@@ -574,8 +574,10 @@ def test_load_eight_concurrent_calls_with_max_queue_2(stream):
     # what this process actually published meanwhile (on 2 loaded cores that is less than
     # 30 Hz): intake blocked behind inference would receive next to nothing.
     received = int(after["frames_received"]) - int(before["frames_received"])
-    assert elapsed > 1.0, f"generations too short ({elapsed:.2f} s) to measure intake"
-    assert sent >= 15, f"the test's camera published only {sent} frames in {elapsed:.1f} s"
+    # (a quiet machine decodes ~4000 tokens/s, and the caption ends at eos after 969 tokens:
+    # three generations then take ~0.8 s)
+    assert elapsed > 0.5, f"generations too short ({elapsed:.2f} s) to measure intake"
+    assert sent >= 10, f"the test's camera published only {sent} frames in {elapsed:.1f} s"
     assert received >= 0.5 * sent, (received, sent, elapsed)
 
 
