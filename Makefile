@@ -15,7 +15,7 @@ PKG_SOURCES := $(shell find internvl_ros_interfaces -type f 2>/dev/null) \
 	$(shell find internvl_ros/internvl_ros -maxdepth 1 -type d 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: help setup build lint test demo bench bench-full clean
+.PHONY: help setup build lint test demo bench bench-full clean fuzz soak
 
 help:
 	@echo "make demo   set everything up and run the demo (replay a bag into the node)"
@@ -60,6 +60,19 @@ bench: setup
 
 bench-full: setup
 	$(PY) bench/run.py --full $(if $(JSON),--json $(JSON))
+
+# Deeper frame-intake fuzzing than `make test` (FUZZ_EXAMPLES per test; failures are kept in
+# .cache/hypothesis and replayed first next time). See docs/RELIABILITY.md.
+FUZZ_EXAMPLES ?= 20000
+fuzz: setup
+	source env.sh && FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_DB=$(CURDIR)/.cache/hypothesis \
+		python -m pytest internvl_ros/test/test_fuzz_frames.py -p no:cacheprovider -q
+
+# Soak benchmark (not a test): the node under camera load for SOAK_MIN minutes; table on stdout,
+# JSON to $(SOAK_JSON) (default bench/results/soak.json). See docs/RELIABILITY.md.
+SOAK_MIN ?= 10
+soak: setup
+	source env.sh && python bench/soak.py --minutes $(SOAK_MIN) $(if $(SOAK_JSON),--json $(SOAK_JSON))
 
 clean:
 	rm -rf build install log .cache

@@ -405,7 +405,8 @@ def compressed_to_rgb(msg, max_dim: int) -> np.ndarray:
         rgb = np.ascontiguousarray(bgr[..., ::-1])
     else:
         rgb = _decode_with_pillow(buf, info)
-    if rgb.shape[:2] != (info.height, info.width):
+    # OpenCV applies an EXIF orientation (phone photos): 90-degree turns swap the sides
+    if rgb.shape[:2] not in ((info.height, info.width), (info.width, info.height)):
         raise BadFrameError(
             "corrupt",
             f"{info.encoding} decoded to {rgb.shape[1]}x{rgb.shape[0]} but its header says "
