@@ -61,12 +61,17 @@ bench: setup
 bench-full: setup
 	$(PY) bench/run.py --full $(if $(JSON),--json $(JSON))
 
-# Deeper frame-intake fuzzing than `make test` (FUZZ_EXAMPLES per test; failures are kept in
-# .cache/hypothesis and replayed first next time). See docs/RELIABILITY.md.
+# Deeper frame-intake fuzzing than `make test`: hypothesis (FUZZ_EXAMPLES per test; failures
+# kept in .cache/hypothesis, replayed first next time), then coverage-guided atheris for
+# FUZZ_RUNS inputs (corpus in .cache/atheris; a crasher is written to .cache/atheris/crash-*).
 FUZZ_EXAMPLES ?= 20000
+FUZZ_RUNS ?= 200000
 fuzz: setup
 	source env.sh && FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_DB=$(CURDIR)/.cache/hypothesis \
 		python -m pytest internvl_ros/test/test_fuzz_frames.py -p no:cacheprovider -q
+	mkdir -p .cache/atheris && cd .cache/atheris && source $(CURDIR)/env.sh && \
+		python $(CURDIR)/internvl_ros/test/fuzz_atheris_frames.py -atheris_runs=$(FUZZ_RUNS) \
+		-max_len=16384 -rss_limit_mb=1024 corpus
 
 # Soak benchmark (not a test): the node under camera load for SOAK_MIN minutes; table on stdout,
 # JSON to $(SOAK_JSON) (default bench/results/soak.json). See docs/RELIABILITY.md.

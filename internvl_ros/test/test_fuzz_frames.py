@@ -16,8 +16,10 @@ found lives on as a regression case in ``test_regressions``.
 
 from __future__ import annotations
 
+import base64
 import os
 import struct
+import time
 import tracemalloc
 import zlib
 from types import SimpleNamespace
@@ -47,6 +49,33 @@ FUZZ = settings(
 ALLOC_SLACK = 4 << 20
 ALLOC_PER_INPUT_BYTE = 6
 ALLOC_PER_PIXEL = 4 * 3 * 4  # a few float32 (h, w, 3) temporaries (YUV, Bayer)
+
+
+NATIVE_SLACK = 16 << 20  # decoder tables, allocator arenas
+_CLEAR_REFS = "/proc/self/clear_refs"
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def _reset_peak_rss() -> int | None:
+    """Reset the peak RSS (VmHWM) to the current RSS (Linux: clear_refs 5); the RSS now, or
+    None where that is not possible."""
+    try:
+        with open(_CLEAR_REFS, "w") as f:
+            f.write("5")
+        return _status_kb("VmRSS:")
+    except (OSError, KeyError):
+        return None
+
+
+def _peak_rss() -> int:
+    return _status_kb("VmHWM:")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,6 +150,7 @@ def convert(msg, max_dim: int, input_bytes: int, converter: str = "auto"):
     except ic.BadFrameError as e:
         return e
     assert info.width <= max_dim and info.height <= max_dim
+    rss0 = _reset_peak_rss()
     tracemalloc.start()
     try:
         try:
@@ -133,6 +163,10 @@ def convert(msg, max_dim: int, input_bytes: int, converter: str = "auto"):
     bound = (ALLOC_SLACK + ALLOC_PER_INPUT_BYTE * input_bytes
              + ALLOC_PER_PIXEL * info.width * info.height)
     assert peak <= bound, f"{peak} bytes allocated for {info} from {input_bytes} input bytes"
+    if rss0 is not None:  # native allocations too (OpenCV, libpng, libjpeg): the peak RSS
+        grew = _peak_rss() - rss0
+        assert grew <= bound + NATIVE_SLACK, \
+            f"RSS peaked {grew} bytes above its start for {info} from {input_bytes} input bytes"
     if isinstance(rgb, np.ndarray):
         assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3, rgb.shape
         # an EXIF orientation may turn it by 90 degrees
@@ -233,6 +267,18 @@ def png_fix_crcs(data: bytes) -> bytes:
             break
         out[i + 8 + n : i + 12 + n] = struct.pack(">I", zlib.crc32(bytes(out[i + 4 : i + 8 + n])))
         i += 12 + n
+    return bytes(out)
+
+
+def png_with_chunk_length(data: bytes, which: int, length: int) -> bytes:
+    """The PNG with its `which`-th chunk declaring `length` bytes (the data unchanged)."""
+    out, i, k = bytearray(data), 8, 0
+    while i + 12 <= len(out):
+        (n,) = struct.unpack(">I", bytes(out[i : i + 4]))
+        if k == which:
+            out[i : i + 4] = struct.pack(">I", length & 0xFFFFFFFF)
+            return bytes(out)
+        i, k = i + 12 + n, k + 1
     return bytes(out)
 
 
@@ -347,13 +393,15 @@ def compressed_payloads(draw):
     kind = draw(st.sampled_from(sorted(SEEDS)))
     data = SEEDS[kind]
     how = draw(st.sampled_from(["valid", "dims", "mutate", "dims+mutate", "truncate", "junk",
-                                "magic+junk"]))
+                                "magic+junk", "chunk_length"]))
     if how in ("dims", "dims+mutate"):
         w, h = draw(dims), draw(dims)
         if kind.startswith("png"):
             data = png_with_ihdr(data, w, h, fix_crc=draw(st.booleans()))
         else:
             data = jpeg_with_sof(data, w, h)
+    if how == "chunk_length" and kind.startswith("png"):
+        data = png_with_chunk_length(data, draw(st.integers(0, 5)), draw(dims))
     if how in ("mutate", "dims+mutate"):
         data = draw(mutated(data))
         if kind.startswith("png") and draw(st.booleans()):
@@ -513,6 +561,21 @@ def test_exif_orientation_is_not_a_corrupt_frame():
     for name in ("jpeg_exif_rotated", "png_exif_rotated"):
         out = intake(compressed_cdr(fmt=b"jpeg", data=SEEDS[name]), compressed=True)
         assert isinstance(out, np.ndarray) and out.shape == (40, 24, 3), (name, out)
+
+
+def test_png_chunk_longer_than_the_data_is_refused_before_decoding():
+    """Found by atheris: a 69-byte PNG whose IDAT chunk declares 0xFF00000C bytes made OpenCV 5
+    allocate 4 GB and spend 9 s before refusing it. Now refused from the chunk walk."""
+    crasher = base64.b64decode(
+        "AQABAAAAAAAAAAAAAAQAAABjYW0ABQAAAGpwZWcAAAAARQAAAIlQTkcNChoKAAAADUlIRFIAAAABAAAAAQgCCQAA"
+        "cIisIf8AAAxJREFUCB1jONQUDwADrQGkbc6BBwAAAABJRU5ErkJggg==")
+    t0 = time.monotonic()
+    _expect_bad(intake(crasher[1:], compressed=True), "corrupt")
+    assert time.monotonic() - t0 < 1.0
+    for which in range(3):  # IHDR, IDAT, IEND
+        for length in (2**31, 2**32 - 1, 10**6):
+            data = png_with_chunk_length(SEEDS["png_rgba"], which, length)
+            _expect_bad(intake(compressed_cdr(fmt=b"png", data=data), compressed=True))
 
 
 def test_huge_header_dimensions_are_refused_before_decoding():
