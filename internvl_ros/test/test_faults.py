@@ -271,18 +271,8 @@ def test_worker_hang_longer_than_the_timeout_answers_at_the_timeout(backend, ref
 # the node, in-process (its own rclpy context, no spinning): the real service handler
 
 
-@pytest.fixture(scope="module")
-def ctx(ros_domain):
-    import rclpy
-
-    context = rclpy.Context()
-    rclpy.init(context=context, domain_id=ros_domain)
-    yield context
-    rclpy.try_shutdown(context=context)
-
-
 @pytest.fixture
-def make_node(ctx, backend):
+def make_node(rclpy_context, backend):
     from rclpy.parameter import Parameter
 
     from internvl_ros.ros import node as node_mod
@@ -296,7 +286,7 @@ def make_node(ctx, backend):
                      Parameter("max_new_tokens", value=TOKENS)]
         overrides += [Parameter(k, value=v) for k, v in params.items()]
         loader = (lambda *a: pipeline) if pipeline is not None else None
-        n = node_mod.InternVLNode(pipeline_loader=loader, context=ctx,
+        n = node_mod.InternVLNode(pipeline_loader=loader, context=rclpy_context,
                                   parameter_overrides=overrides)
         made.append(n)
         return n
