@@ -127,6 +127,9 @@ def proc_stats(pid: int) -> dict:
     status = Path(f"/proc/{pid}/status").read_text()
     fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
     return {"rss_mb": int(fields["VmRSS"].split()[0]) / 1024,
+            # anonymous memory only: what a leak grows (RSS also counts mapped files, which
+            # the kernel drops and reloads under memory pressure from other processes)
+            "rss_anon_mb": int(fields.get("RssAnon", "0 kB").split()[0]) / 1024,
             "threads": int(fields["Threads"]),
             "fds": len(os.listdir(f"/proc/{pid}/fd"))}
 
@@ -427,6 +430,8 @@ def summarise(samples: list[dict], ledger: Ledger, duration: float, warmup: floa
             "rss_start_mb": samples[0]["nodes"][name]["rss_mb"],
             "rss_end_mb": samples[-1]["nodes"][name]["rss_mb"],
             "rss_slope_mb_per_hour": slope_per_hour(ts, rss),
+            "rss_anon_slope_mb_per_hour": slope_per_hour(
+                ts, [s["nodes"][name]["rss_anon_mb"] for s in after]),
             "fd_growth": after[-1]["nodes"][name]["fds"] - after[0]["nodes"][name]["fds"],
             "thread_growth": (after[-1]["nodes"][name]["threads"]
                               - after[0]["nodes"][name]["threads"]),
@@ -447,6 +452,8 @@ def summarise(samples: list[dict], ledger: Ledger, duration: float, warmup: floa
         "rss_end_mb": round(sum(n["rss_end_mb"] for n in nodes.values()), 1),
         "rss_slope_mb_per_hour": round(max(n["rss_slope_mb_per_hour"] for n in nodes.values()),
                                        2),
+        "rss_anon_slope_mb_per_hour": round(max(n["rss_anon_slope_mb_per_hour"]
+                                                for n in nodes.values()), 2),
         "rss_slope_sum_mb_per_hour": round(slope_per_hour(
             [s["t"] for s in after],
             [sum(s["nodes"][n]["rss_mb"] for n in NODES) for s in after]), 2),
@@ -488,6 +495,8 @@ def table(res: dict) -> str:
             ("rss_end_mb (both nodes)", res["rss_end_mb"], ""),
             ("rss_slope_mb_per_hour (fastest-growing node)", res["rss_slope_mb_per_hour"],
              "< 5"),
+            ("rss_anon_slope_mb_per_hour (anonymous memory only)",
+             res["rss_anon_slope_mb_per_hour"], ""),
             ("fd_growth", res["fd_growth"], "0"), ("thread_growth", res["thread_growth"], "0"),
             ("p50 / p95 / p99 answer latency (s)",
              f"{res['p50_latency_s']} / {res['p95_latency_s']} / {res['p99_latency_s']}", ""),
