@@ -19,7 +19,8 @@ PKG_SOURCES := $(shell find internvl_ros_interfaces -type f 2>/dev/null) \
 	$(shell find internvl_ros/internvl_ros -maxdepth 1 -type d 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: help setup build lint test test-browser demo bench bench-full clean setup-board test-board
+.PHONY: help setup build lint test test-browser demo bench bench-full clean setup-board test-board \
+	fuzz soak
 
 help:
 	@echo "make demo   set everything up and run the demo (replay a bag into the node)"
@@ -112,6 +113,26 @@ test-board: setup setup-board
 	PYTHONPATH=$(CURDIR)/internvl_ros $(BOARD_PY) scripts/share_tiny_models.py $(PY)
 	source env-board.sh && python -c "$(BOARD_VERSIONS)" && \
 		python -m pytest internvl_ros/test $(PYTEST_ARGS)
+
+# Deeper frame-intake fuzzing than `make test`: hypothesis (FUZZ_EXAMPLES per test; failures
+# kept in .cache/hypothesis, replayed first next time), then coverage-guided atheris for
+# FUZZ_RUNS inputs (corpus in .cache/atheris; a crasher is written to .cache/atheris/crash-*).
+FUZZ_EXAMPLES ?= 20000
+FUZZ_RUNS ?= 200000
+fuzz: setup
+	source env.sh && FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_DB=$(CURDIR)/.cache/hypothesis \
+		python -m pytest internvl_ros/test/test_fuzz_frames.py -p no:cacheprovider -q
+	mkdir -p .cache/atheris && cd .cache/atheris && source $(CURDIR)/env.sh && \
+	if python -c "import atheris" 2>/dev/null; then \
+		python $(CURDIR)/internvl_ros/test/fuzz_atheris_frames.py -atheris_runs=$(FUZZ_RUNS) \
+		-max_len=16384 -rss_limit_mb=1024 corpus; \
+	else echo "fuzz: atheris has no wheel for this Python/CPU (cp311 x86_64 only): skipped"; fi
+
+# Soak benchmark (not a test): the node under camera load for SOAK_MIN minutes; table on stdout,
+# JSON to $(SOAK_JSON) (default bench/results/soak.json). See docs/RELIABILITY.md.
+SOAK_MIN ?= 10
+soak: setup
+	source env.sh && python bench/soak.py --minutes $(SOAK_MIN) $(if $(SOAK_JSON),--json $(SOAK_JSON))
 
 clean:
 	rm -rf build install log .cache build-board install-board
