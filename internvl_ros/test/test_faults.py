@@ -191,23 +191,25 @@ class _Log:
     debug = info = warning = error
 
 
+class _Frame:
+    """An ImageSource: the picture, already decoded (what a request's image gives the worker)."""
+
+    def decode(self, max_dim: int) -> tuple:
+        return picture(), None
+
+
 def _worker(pipe):
     from internvl_ros.ros.worker import InferenceWorker
 
-    def prepare(job):
-        return picture(), None, 0.0
-
-    return InferenceWorker(pipe, prepare=prepare,
-                           make_config=lambda job: GenerationConfig(max_new_tokens=TOKENS),
-                           on_caption=lambda job, outcome: None, logger=_Log(),
-                           max_queue_fn=lambda: 2)
+    return InferenceWorker(pipe, _Log())
 
 
 def _job():
     from internvl_ros.ros.worker import Job, Request
 
-    return Job(Request(prompt=PROMPT, system_prompt=None, max_new_tokens=TOKENS,
-                       max_frame_age=float("inf"), source="service"))
+    return Job(Request(prompt=PROMPT, system_prompt=None,
+                       config=GenerationConfig(max_new_tokens=TOKENS), image=_Frame(),
+                       source="service"))
 
 
 def _serve(worker, timeout: float):
@@ -215,7 +217,7 @@ def _serve(worker, timeout: float):
     from internvl_ros.ros.worker import Outcome
 
     job = _job()
-    assert worker.submit(job) is None
+    assert worker.submit(job, 2) is None
     if not job.wait(timeout):
         job.cancel.set()
         where = "generating" if job.started else "waiting in the queue"
@@ -276,6 +278,7 @@ def make_node(rclpy_context, backend):
     from rclpy.parameter import Parameter
 
     from internvl_ros.ros import node as node_mod
+    from internvl_ros.ros.main import autostart
 
     made = []
 
@@ -289,6 +292,7 @@ def make_node(rclpy_context, backend):
         n = node_mod.InternVLNode(pipeline_loader=loader, context=rclpy_context,
                                   parameter_overrides=overrides)
         made.append(n)
+        autostart(n)  # configure (loads the model) + activate, as main() does
         return n
 
     yield make
@@ -305,8 +309,8 @@ def _describe(node):
     rgb = picture()
     img = Image(height=rgb.shape[0], width=rgb.shape[1], encoding="rgb8", step=rgb.shape[1] * 3)
     img.data = array.array("B", rgb.tobytes())
-    return node._on_describe_srv(Describe.Request(prompt=PROMPT, image=img),
-                                 Describe.Response())
+    return node.describer._on_service(Describe.Request(prompt=PROMPT, image=img),
+                                      Describe.Response())
 
 
 @pytest.mark.parametrize("kind", ["raise", "nan", "inf"])
@@ -349,7 +353,7 @@ def _diagnostics(node) -> tuple[int, str, dict]:
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "needs helper A's worker refactor: today a run stuck in the backend keeps the one worker "
+    "not built yet: a run stuck in the backend keeps the one worker "
     "thread, /diagnostics does not report it, and every later request times out waiting in the "
     "queue. The node must detect the stuck run (a step watchdog), report it in /diagnostics "
     "(ERROR, 'backend stuck in <session> for N s'), and either reload the pipeline on a fresh "
