@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BackendError, BusyError, ConfigError, ModelDirError, ShapeMismatchError
+from .host_llm import HostLanguageModel
 from .llm import LanguageModel, cast, check_max_context, run_session
 from .modeldir import ModelDir, load_model_dir
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, check_rgb, decode_image, preprocess_image
@@ -138,15 +139,20 @@ class Pipeline:
             paths.tokenizer, hf_dir=paths.hf_dir, extra_eos=self.config.eos_token_ids)
         sessions = []
         try:
-            layers = []
-            for p in paths.layers:
-                layers.append(backend.open(str(p)))
-                sessions.append(layers[-1])
-            post = backend.open(str(paths.post))
-            sessions.append(post)
             embeddings = np.load(paths.embeddings, mmap_mode="r")  # (vocab, hidden)
-            self.llm = LanguageModel(layers, post, embeddings, self.config,
-                                     max_context=max_context)
+            if paths.layout == "host":  # one graph, KV cache kept by the backend
+                sessions.append(backend.open(str(paths.host_lm), role="host_lm"))
+                self.llm = HostLanguageModel(sessions[-1], embeddings, self.config,
+                                             max_context=max_context)
+            else:
+                layers = []
+                for p in paths.layers:
+                    layers.append(backend.open(str(p)))
+                    sessions.append(layers[-1])
+                post = backend.open(str(paths.post))
+                sessions.append(post)
+                self.llm = LanguageModel(layers, post, embeddings, self.config,
+                                         max_context=max_context)
             self.vision = None
             if paths.vit is not None:
                 vit = backend.open(str(paths.vit), role="vit")
