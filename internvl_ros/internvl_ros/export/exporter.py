@@ -23,6 +23,7 @@ import onnx
 
 from internvl_ros.core.errors import ConfigError, InternVLError, ModelDirError
 from internvl_ros.export.checkpoint import ModelSpec, Weights, read_spec
+from internvl_ros.export.gptq import GPTQConfig, gptq_linear, read_gptq_config
 from internvl_ros.export.graphs import OPSET, build_host_lm, build_layer, build_post, build_vit
 from internvl_ros.export.quantize import QuantConfig, quantize_blockwise
 
@@ -106,9 +107,37 @@ def _quantizer(config: QuantConfig | None):
     return lambda w: quantize_blockwise(np.ascontiguousarray(w.T), config)
 
 
-def _layer_weights(weights: Weights, spec: ModelSpec, i: int, cast) -> dict[str, np.ndarray]:
-    t = spec.text
-    shapes = {
+def _layer_weights(weights: Weights, spec: ModelSpec, i: int, cast,
+                   gptq: GPTQConfig | None = None, accuracy_level: int = 4) -> dict:
+    """Layer i's tensors; with `gptq`, its packed linears as QuantizedWeights."""
+    shapes = _layer_shapes(spec.text)
+    packed = {n for n in _LINEARS
+              if gptq is not None and f"lm.layers.{i}.{n[:-len('weight')]}qweight" in weights}
+    w = {n: cast(weights.get(f"lm.layers.{i}.{n}", shapes[n]))
+         for n in _LAYER_TENSORS if n not in packed}
+    for n in packed:
+        w[n] = _gptq_weight(weights, f"lm.layers.{i}.{n[:-len('.weight')]}", shapes[n], gptq,
+                            accuracy_level)
+    for n in _LAYER_BIASES:
+        b = weights.get_optional(f"lm.layers.{i}.{n}", shapes[n])
+        if b is not None:
+            w[n] = cast(b)
+    return w
+
+
+def _gptq_weight(weights: Weights, base: str, shape: tuple, gptq: GPTQConfig,
+                 accuracy_level: int):
+    """The GPTQ-packed linear `base` ((N, K) = shape in torch layout) for MatMulNBits."""
+    N, K = shape
+    g_idx = f"{base}.g_idx"
+    return gptq_linear(weights.get_raw(f"{base}.qweight"), weights.get_raw(f"{base}.qzeros"),
+                       weights.get_raw(f"{base}.scales"),
+                       weights.get_raw(g_idx) if g_idx in weights else None, gptq, K, N,
+                       accuracy_level, name=base)
+
+
+def _layer_shapes(t) -> dict:
+    return {
         "input_layernorm.weight": (t.hidden,),
         "post_attention_layernorm.weight": (t.hidden,),
         "self_attn.q_proj.weight": (t.heads * t.head_dim, t.hidden),
@@ -125,12 +154,6 @@ def _layer_weights(weights: Weights, spec: ModelSpec, i: int, cast) -> dict[str,
         "self_attn.v_proj.bias": (t.kv_dim,),
         "self_attn.o_proj.bias": (t.hidden,),
     }
-    w = {n: cast(weights.get(f"lm.layers.{i}.{n}", shapes[n])) for n in _LAYER_TENSORS}
-    for n in _LAYER_BIASES:
-        b = weights.get_optional(f"lm.layers.{i}.{n}", shapes[n])
-        if b is not None:
-            w[n] = cast(b)
-    return w
 
 
 class _LazyCast(Mapping):
@@ -220,7 +243,7 @@ def _write_tokenizer_json(hf_dir: Path, out_dir: Path) -> bool:
 def export_model(hf_dir, out_dir, dtype: str = "float32",
                  prefix: str = DEFAULT_PREFIX, layout: str = "split",
                  quant: QuantConfig | None = None, lm_head_bits: int | None = None,
-                 max_positions: int = DEFAULT_MAX_POSITIONS) -> Path:
+                 max_positions: int = DEFAULT_MAX_POSITIONS, accuracy_level: int = 4) -> Path:
     """Export `hf_dir` (InternVL + Qwen3, native or remote-code layout) into `out_dir`.
 
     Writes the language model as `{prefix}_p128_l{i}_together.onnx` + `{prefix}_post.onnx`
@@ -230,17 +253,20 @@ def export_model(hf_dir, out_dir, dtype: str = "float32",
     the config/tokenizer files and `internvl_export.json`. `dtype="bfloat16"` rounds every weight
     to bfloat16 (stored as float32, I/O stays float32). `quant` writes the decoder linears as
     MatMulNBits (round-to-nearest), the lm_head with `lm_head_bits` (default: quant.bits; 0 =
-    float). Returns `out_dir`.
+    float). A GPTQ-packed checkpoint (quantization_config in config.json) keeps its packed
+    linears as MatMulNBits with `accuracy_level` (export/gptq.py); its float tensors (norms,
+    embeddings, ViT, an unquantised lm_head) are read as usual. Returns `out_dir`.
     """
     if dtype not in DTYPES:
         raise ConfigError(f"export dtype '{dtype}' is not one of {DTYPES}.")
     if layout not in LAYOUTS:
         raise ConfigError(f"export layout '{layout}' is not one of {LAYOUTS}.")
+    head_bits = lm_head_bits if lm_head_bits is not None else (quant.bits if quant else 0)
     head_quant = None
-    if quant is not None:
-        bits = quant.bits if lm_head_bits is None else lm_head_bits
-        head_quant = QuantConfig(bits, quant.block_size, quant.symmetric,
-                                 quant.accuracy_level) if bits else None
+    if head_bits:
+        head_quant = (QuantConfig(head_bits, quant.block_size, quant.symmetric,
+                                  quant.accuracy_level) if quant is not None
+                      else QuantConfig(head_bits, 32, True, accuracy_level))
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if not hf_dir.is_dir():
         raise ModelDirError(f"--hf-model {hf_dir} is not a directory.")
@@ -248,6 +274,15 @@ def export_model(hf_dir, out_dir, dtype: str = "float32",
     t0 = time.monotonic()
     spec = read_spec(hf_dir)
     weights = Weights(hf_dir)
+    gptq = read_gptq_config(hf_dir)
+    if gptq is not None and quant is not None:
+        raise ConfigError(f"{hf_dir} is a GPTQ-packed checkpoint ({gptq.bits}-bit): its "
+                          "weights are already quantised, so drop --bits (use --lm-head-bits "
+                          "for a float lm_head)")
+    if gptq is not None and any(n.startswith("vit.") and n.endswith(".qweight")
+                                for n in weights.names()):
+        raise ModelDirError(f"{hf_dir}: the vision tower is GPTQ-packed; only the language "
+                            "model's linears may be (the ViT must stay float)")
     t = spec.text
     out_dir.mkdir(parents=True, exist_ok=True)
     log.info("exporting %s (%s layout, %d layers, hidden %d, vocab %d) as %s to %s",
@@ -268,15 +303,21 @@ def export_model(hf_dir, out_dir, dtype: str = "float32",
     to_q = _quantizer(quant)
 
     def layer(i: int) -> dict:
-        w = _layer_weights(weights, spec, i, cast)
-        w.update({n: to_q(w[n]) for n in _LINEARS})
+        w = _layer_weights(weights, spec, i, cast, gptq, accuracy_level)
+        w.update({n: to_q(w[n]) for n in _LINEARS if isinstance(w[n], np.ndarray)})
         log.info("layer %d/%d read (%.1f s)", i + 1, t.num_layers, time.monotonic() - t0)
         return w
 
     head = "lm_head.weight" if "lm_head.weight" in weights else "lm.embed_tokens.weight"  # tied
+
+    def head_weight():
+        if gptq is not None and "lm_head.qweight" in weights:
+            return _gptq_weight(weights, "lm_head", (t.vocab, t.hidden), gptq, accuracy_level)
+        return _quantizer(head_quant)(cast(weights.get(head, (t.vocab, t.hidden))))
+
     norm = cast(weights.get("lm.norm.weight", (t.hidden,)))
     if layout == "host":
-        lm_head = _quantizer(head_quant)(cast(weights.get(head, (t.vocab, t.hidden))))
+        lm_head = head_weight()
         model = build_host_lm(t, layer, norm, lm_head, max_positions)
         del lm_head
         _save_onnx(model, out_dir / host_lm_file(prefix))
@@ -284,7 +325,7 @@ def export_model(hf_dir, out_dir, dtype: str = "float32",
     else:
         for i in range(t.num_layers):
             _save_onnx(build_layer(t, layer(i), i), out_dir / layer_file(i, prefix))
-        lm_head = _quantizer(head_quant)(cast(weights.get(head, (t.vocab, t.hidden))))
+        lm_head = head_weight()
         _save_onnx(build_post(t, norm, lm_head), out_dir / post_file(prefix))
         del lm_head
 
@@ -310,7 +351,11 @@ def export_model(hf_dir, out_dir, dtype: str = "float32",
     }
     if layout == "host":
         info["max_positions"] = max_positions
-    if quant is not None:
+    if gptq is not None:
+        info["quantization"] = {"method": "gptq", "op": "com.microsoft.MatMulNBits",
+                                "accuracy_level": accuracy_level, **gptq.__dict__,
+                                "lm_head_bits": head_bits}
+    elif quant is not None:
         info["quantization"] = {
             "method": "rtn_weight_only", "op": "com.microsoft.MatMulNBits", "bits": quant.bits,
             "block_size": quant.block_size, "symmetric": quant.symmetric,
