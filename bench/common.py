@@ -180,9 +180,14 @@ def wrap_pipeline(pipe, meter: Meter, capture_logits: bool = False,
     """Replace the sessions of a constructed Pipeline by TimedSessions (from the outside: the
     pipeline looks its sessions up at call time). Returns {"post": ..., "vit": ...} wrappers."""
     llm = pipe.llm
-    llm.layers = [TimedSession(s, meter) for s in llm.layers]
-    llm.post = TimedSession(llm.post, meter, capture=capture_logits)
-    wrapped = {"post": llm.post, "vit": None}
+    if hasattr(llm, "session"):  # the host layout: one KV session (bench/host.py)
+        from host import wrap_host_llm
+
+        wrapped = {"post": wrap_host_llm(llm, meter, capture_logits), "vit": None}
+    else:
+        llm.layers = [TimedSession(s, meter) for s in llm.layers]
+        llm.post = TimedSession(llm.post, meter, capture=capture_logits)
+        wrapped = {"post": llm.post, "vit": None}
     if pipe.vision is not None:
         pipe.vision.session = TimedSession(pipe.vision.session, Meter(), capture=capture_vit)
         wrapped["vit"] = pipe.vision.session
