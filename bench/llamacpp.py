@@ -182,6 +182,94 @@ def task_llamacpp(a: dict) -> dict:
             "llama_cpp_python": metadata.version(DIST), "peak_rss_bytes": peak_rss_bytes()}
 
 
+#: (our build, llama.cpp build) pairs of the anchor, and the JSON key stems
+PAIRS = (("host-q8", "q8"), ("host-q4", "q4"))
+
+
+def run_anchor(build: dict, prompt_ids: list, work: Path, threads: int, tokens: int,
+               rounds: int, cache: Path, log=print) -> dict:
+    """Build the GGUFs, then `rounds` rounds of alternating runs (llama.cpp and ours on the
+    same prompt ids, the order flipped every round); medians of each side and their ratios."""
+    from common import run_worker
+
+    ver = version()
+    if ver is None:
+        raise RuntimeError("llama-cpp-python is not installed; run `make bench-full "
+                           "LLAMACPP=1` (it installs it into .venv) or pip install "
+                           f"{DIST} into this interpreter")
+    t0 = time.perf_counter()
+    ggufs = build_cached(Path(build["hf"]), cache, ver, threads, log)
+    build_s = time.perf_counter() - t0
+    runs = {side: {k: [] for k in VARIANTS} for side in ("ours", "llamacpp")}
+    for r in range(rounds):
+        for ours_name, name in PAIRS:
+            common_args = dict(threads=threads, tokens=tokens, prompt_ids=prompt_ids)
+            jobs = [("llamacpp", "llamacpp.py", "llamacpp",
+                     dict(label=f"{name}-r{r}", gguf=str(ggufs[name]), **common_args)),
+                    ("ours", "host.py", "ours_ids",
+                     dict(label=f"{ours_name}-ids-r{r}", model_dir=build[ours_name],
+                          **common_args))]
+            for side, script, task, args in (jobs if r % 2 == 0 else jobs[::-1]):
+                runs[side][name].append(run_worker(script, task, args, work, timeout=900,
+                                                   log=log))
+    return summarize(runs, threads, ver, build_s)
+
+
+def build_cached(hf_dir: Path, cache: Path, ver: str, threads: int, log) -> dict:
+    import hashlib
+
+    h = hashlib.sha256(f"{hf_dir.resolve()}|{ver}|{sorted(VARIANTS.items())}".encode())
+    return build(hf_dir, cache / f"llamacpp-{h.hexdigest()[:12]}", threads, log)
+
+
+def _median(runs: list, key: str):
+    vals = [x[key] for x in runs if x.get(key) is not None]
+    return statistics.median(vals) if vals else None
+
+
+def summarize(runs: dict, threads: int, ver: str, build_s: float) -> dict:
+    """The issue's JSON keys (medians over the rounds) and the per-run detail."""
+    out = {"llamacpp_threads": threads, "llamacpp_version": ver, "llamacpp_build_s": build_s,
+           "llamacpp_rounds": len(runs["ours"]["q8"]), "llamacpp_runs": runs}
+    for _, name in PAIRS:
+        ll, ours = runs["llamacpp"][name], runs["ours"][name]
+        for what in ("decode", "prefill"):
+            a, b = _median(ours, f"{what}_tok_s"), _median(ll, f"{what}_tok_s")
+            out[f"llamacpp_{name}_{what}_tok_s"] = b
+            out[f"ours_host_{name}_{what}_tok_s"] = a
+            stem = f"{what}_vs_llamacpp_q8" if name == "q8" else f"q4_{what}_vs_llamacpp_q4"
+            out[stem] = a / b if a and b else None
+        out[f"llamacpp_{name}_gguf_bytes"] = ll[0]["gguf_bytes"] if ll else None
+        out[f"llamacpp_{name}_others_cpu"] = [x["machine_load"]["others_frac"]
+                                              for x in ll + ours if x.get("machine_load")]
+    return out
+
+
+def markdown_lines(r: dict) -> list:
+    """The anchor table of the report."""
+    def f(x):
+        return "n/a" if x is None else f"{x:.3g}"
+
+    lines = [f"**llama.cpp anchor** (llama-cpp-python {r['llamacpp_version']}, same weights, "
+             f"same prompt ids, {r['llamacpp_threads']} threads on both sides, "
+             f"{r['llamacpp_rounds']} alternating rounds, medians)", "",
+             "| build | decode tok/s | prefill tok/s | ours host vs llama.cpp (decode) | "
+             "(prefill) | other processes' CPU use |", "|---|---|---|---|---|---|"]
+    for _, name in PAIRS:
+        label = {"q8": "Q8_0 vs our int8", "q4": "Q4_0 vs our int4"}[name]
+        dec = r["decode_vs_llamacpp_q8"] if name == "q8" else r["q4_decode_vs_llamacpp_q4"]
+        pre = r["prefill_vs_llamacpp_q8"] if name == "q8" else r["q4_prefill_vs_llamacpp_q4"]
+        load = r[f"llamacpp_{name}_others_cpu"]
+        lines.append(f"| llama.cpp {label.split()[0]} | {f(r[f'llamacpp_{name}_decode_tok_s'])} "
+                     f"| {f(r[f'llamacpp_{name}_prefill_tok_s'])} | {f(dec)}x | {f(pre)}x | "
+                     + (f"{100 * min(load):.0f}-{100 * max(load):.0f}%" if load else "n/a")
+                     + " |")
+        lines.append(f"| ours host {label.split()[-1]} | "
+                     f"{f(r[f'ours_host_{name}_decode_tok_s'])} | "
+                     f"{f(r[f'ours_host_{name}_prefill_tok_s'])} | | | |")
+    return lines + [""]
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 3 or argv[0] != "llamacpp":

@@ -163,13 +163,13 @@ class OnnxRuntimeKVSession:
 
     def step(self, embeds: np.ndarray, past: int) -> np.ndarray:
         """Run rows (1, n, hidden) at positions [past, past + n); return the logits (vocab,)
-        of the last row (a buffer the next step overwrites)."""
+        of the last row (a copy: the bound buffer is overwritten by the next step)."""
         n = embeds.shape[1]
         self._seqlens[0] = past + n - 1
         self._total[...] = past + n
         self._io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, np.float32))
         self._sess.run_with_iobinding(self._io)
-        return self._logits.reshape(-1)  # (vocab,)
+        return self._logits.reshape(-1).copy()  # (vocab,)
 
     def close(self) -> None:
         self._io, self._cache, self._sess = None, [], None
