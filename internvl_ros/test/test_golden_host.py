@@ -158,3 +158,23 @@ def test_export_replaces_the_other_layout(tmp_path):
     assert discover(out).layout == "host" and not list(out.glob("*_together.onnx"))
     export_model(hf_dir, out)
     assert discover(out).layout == "split" and not (out / host_lm_file()).exists()
+
+
+def test_quantize_tool_on_a_host_export_equals_quantised_export(tmp_path):
+    """`python -m internvl_ros.export.quantize` on a float host export packs what
+    `internvl-export --layout host --bits 8` packs (the lm_head kept float here)."""
+    from internvl_ros.export.quantize import quantize_model_dir
+
+    hf_dir, _ = tiny_model_dirs("a")
+    float_dir = export_model(hf_dir, tmp_path / "float", layout="host")
+    post = quantize_model_dir(float_dir, tmp_path / "post", bits=8, lm_head_bits=0,
+                              accuracy_level=0)
+    direct = export_model(hf_dir, tmp_path / "direct", layout="host",
+                          quant=QuantConfig(8, 32, True, 0), lm_head_bits=0)
+    out = []
+    for d in (post, direct):
+        with Pipeline.from_model_dir(d, num_threads=1) as pipe:
+            assert discover(d).layout == "host"
+            ids = pipe.prepare("Describe the robot.")[0]
+            out.append(pipe.llm.prefill(pipe.llm.embed(ids)))
+    np.testing.assert_allclose(out[0], out[1], rtol=1e-5, atol=1e-5)

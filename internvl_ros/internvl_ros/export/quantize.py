@@ -229,8 +229,12 @@ def dequantize_blockwise(qw: QuantizedWeight) -> np.ndarray:
     return np.ascontiguousarray(w)  # (K, N) in input-column order
 
 
-def quantize_graph(model: onnx.ModelProto, config: QuantConfig) -> dict:
-    """Replace MatMul(x, const W (K, N)) by MatMulNBits in place; return counts and bytes."""
+def quantize_graph(model: onnx.ModelProto, config: QuantConfig,
+                   head_config: QuantConfig | None | str = "same") -> dict:
+    """Replace MatMul(x, const W (K, N)) by MatMulNBits in place; return counts and bytes.
+
+    `head_config` applies to the lm_head weight of a host-layout graph (None keeps it float;
+    "same" uses `config`)."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     users: dict[str, int] = {}
@@ -246,8 +250,15 @@ def quantize_graph(model: onnx.ModelProto, config: QuantConfig) -> dict:
                 stats["kept"] += 1
             new_nodes.append(node)
             continue
+        cfg = config
+        if head_config != "same" and weight.name.startswith("lm_head."):
+            cfg = head_config
+        if cfg is None:
+            stats["kept"] += 1
+            new_nodes.append(node)
+            continue
         w = numpy_helper.to_array(weight).astype(np.float32)  # (K, N)
-        qw = quantize_blockwise(w, config)
+        qw = quantize_blockwise(w, cfg)
         base = weight.name
         nodes, tensors = nbits_node(qw, node.input[0], node.output[0], base)
         graph.initializer.extend(tensors)
@@ -291,9 +302,9 @@ def _link_or_copy(src: Path, dst: Path, link: bool) -> None:
     shutil.copy2(src, dst)
 
 
-def _quantize_file(src: Path, dst: Path, config: QuantConfig) -> dict:
+def _quantize_file(src: Path, dst: Path, config: QuantConfig, head_config="same") -> dict:
     model = onnx.load(str(src))  # loads external data too
-    stats = quantize_graph(model, config)
+    stats = quantize_graph(model, config, head_config)
     _save(model, dst)
     return stats
 
@@ -333,12 +344,15 @@ def quantize_model_dir(in_dir, out_dir, bits: int = 4, block_size: int = 32,
             totals[k] += stats[k]
 
     done = set()
+    if paths.layout == "host":  # one graph: the layers with `bits`, its lm_head with head_cfg
+        add(_quantize_file(paths.host_lm, out_dir / paths.host_lm.name, layer_cfg, head_cfg))
+        done.add(paths.host_lm.name)
     for i, layer in enumerate(paths.layers):
         add(_quantize_file(layer, out_dir / layer.name, layer_cfg))
         done.add(layer.name)
         log.info("layer %d/%d quantised (%.1f s)", i + 1, len(paths.layers),
                  time.monotonic() - t0)
-    if head_cfg is not None:
+    if head_cfg is not None and paths.layout == "split":
         add(_quantize_file(paths.post, out_dir / paths.post.name, head_cfg))
         done.add(paths.post.name)
     if vit and paths.vit is not None:
