@@ -60,7 +60,7 @@ bench: setup
 
 # LLAMACPP=1 adds the llama.cpp anchor: llama-cpp-python built from its sdist by pip (~9 min
 # the first time, then pip's wheel cache), run on the same weights (bench/llamacpp.py).
-LLAMACPP_PKG := llama-cpp-python==0.3.36
+LLAMACPP_PKG := llama-cpp-python==0.3.36 "sentencepiece>=0.1.98,<0.3.0"
 bench-full: setup
 	$(if $(LLAMACPP),$(PY) -m pip install --quiet --disable-pip-version-check \
 		--no-binary llama-cpp-python $(LLAMACPP_PKG))

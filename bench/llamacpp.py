@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import child_env, ensure_import_path, peak_rss_bytes, read_json, write_json
+from common import CACHE_DIR, child_env, ensure_import_path, peak_rss_bytes, read_json, write_json
 
 ensure_import_path()
 
@@ -136,7 +136,7 @@ def build(hf_dir: Path, root: Path, threads: int = 2, log=print) -> dict:
     root.mkdir(parents=True)
     lm = lm_checkpoint(hf_dir, root / "lm-hf")
     f16 = root / "lm-f16.gguf"
-    d = str(converter_dir(root.parent))
+    d = str(converter_dir(CACHE_DIR))
     proc = subprocess.run([sys.executable, "-c", _CONVERT.format(d=d, src=str(lm),
                                                                  out=str(f16))],
                           env=child_env(threads), capture_output=True, text=True)
