@@ -166,9 +166,12 @@ def task_llamacpp(a: dict) -> dict:
     t = time.perf_counter()
     llm.eval(ids)
     prefill_s = time.perf_counter() - t
+    def last_logits():  # llama-cpp-python keeps no scores unless logits_all: read the row
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+
     steps, tokens = [], []
     for _ in range(a["tokens"]):
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = int(np.argmax(last_logits()))
         tokens.append(tok)
         t = time.perf_counter()
         llm.eval([tok])
