@@ -222,3 +222,13 @@ def bench_image(seed: int = 0, height: int = 480, width: int = 640):
 WARMUP_SYSTEM = "You are a robot."
 QUESTION = "Describe what is in front of the robot, and say whether the path is clear."
 TEXT_QUESTION = "What should a robot check before it crosses a busy corridor?"
+
+
+def serve_worker(tasks: dict, script: str, argv=None) -> int:
+    """main() of a worker script: `python bench/<script> TASK ARGS.json OUT.json`."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 3 or argv[0] not in tasks:
+        print(f"usage: {script} {'|'.join(tasks)} ARGS.json OUT.json", file=sys.stderr)
+        return 2
+    write_json(argv[2], tasks[argv[0]](read_json(argv[1])))
+    return 0

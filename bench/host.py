@@ -104,25 +104,12 @@ def task_ours_ids(a: dict) -> dict:
             "peak_rss_bytes": peak_rss_bytes()}
 
 
-def main(argv=None) -> int:
-    import sys
-
-    from common import read_json, write_json
-
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 3 or argv[0] != "ours_ids":
-        print("usage: host.py ours_ids ARGS.json OUT.json", file=sys.stderr)
-        return 2
-    write_json(argv[2], task_ours_ids(read_json(argv[1])))
-    return 0
-
-
 if __name__ == "__main__":
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import ensure_import_path
+    from common import ensure_import_path, serve_worker
 
     ensure_import_path()
-    sys.exit(main())
+    sys.exit(serve_worker({"ours_ids": task_ours_ids}, "host.py"))

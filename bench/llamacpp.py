@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import CACHE_DIR, child_env, ensure_import_path, peak_rss_bytes, read_json, write_json
+from common import CACHE_DIR, child_env, ensure_import_path, peak_rss_bytes, serve_worker
 
 ensure_import_path()
 
@@ -273,14 +273,5 @@ def markdown_lines(r: dict) -> list:
     return lines + [""]
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 3 or argv[0] != "llamacpp":
-        print("usage: llamacpp.py llamacpp ARGS.json OUT.json", file=sys.stderr)
-        return 2
-    write_json(argv[2], task_llamacpp(read_json(argv[1])))
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(serve_worker({"llamacpp": task_llamacpp}, "llamacpp.py"))

@@ -12,7 +12,6 @@ backend object is a `KVSession` (onnxruntime: `backends.onnxruntime_backend.Onnx
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
@@ -24,7 +23,7 @@ from .errors import (
     PromptTooLongError,
     ShapeMismatchError,
 )
-from .llm import check_max_context
+from .llm import LanguageModel, check_max_context
 from .modeldir import ModelConfig
 
 DEFAULT_MAX_CONTEXT = 2048  # as the split layout on the host
@@ -98,13 +97,7 @@ class HostLanguageModel:
     def max_prompt_tokens(self) -> int:
         return self.max_ctx
 
-    def embed(self, ids: Sequence[int]) -> np.ndarray:
-        """Token embeddings (n, hidden) float32."""
-        ids = np.asarray(ids, dtype=np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.embeddings.shape[0]):
-            raise ShapeMismatchError(f"token id {int(ids.max())} is outside the embedding "
-                                     f"matrix ({self.embeddings.shape[0]} rows)")
-        return np.asarray(self.embeddings[ids], dtype=np.float32)  # (n, hidden)
+    embed = LanguageModel.embed  # token embeddings (n, hidden) float32, same checks
 
     def reset(self, clear: bool = True) -> None:
         """Forget the KV state; `clear` (or a tainted cache) also zeroes the rows. Stale rows
