@@ -108,11 +108,9 @@ class OnnxRuntimeKVSession:
     """
 
     def __init__(self, path: str, providers: Sequence | None = None,
-                 num_threads: int | None = None, spinning: bool = True):
+                 num_threads: int | None = None, spinning: bool = False):
         import onnxruntime as ort
 
-        # One session runs the whole model, so its pool may spin between the kernels of a
-        # step (nothing else of ours competes for the cores).
         self._sess = _inference_session(
             path, _session_options(num_threads, spinning=spinning), providers)
         self._ort = ort
@@ -194,7 +192,10 @@ class OnnxRuntimeBackend:
         if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
             raise ConfigError(f"num_threads={num_threads!r} must be an integer >= 1")
         self.num_threads = num_threads
-        self.spinning = True  # the host graph's pool (the per-layer sessions never spin)
+        # The host graph's pool may spin between kernels (the per-layer sessions never do).
+        # Off by default: on a loaded machine spinning threads fight the other processes for
+        # the cores (decode 2.1 vs 7.1 tok/s measured under load; docs/PERFORMANCE.md).
+        self.spinning = False
 
     def open(self, path: str, role: str | None = None):
         if role == "host_lm":
