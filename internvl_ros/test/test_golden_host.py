@@ -178,3 +178,21 @@ def test_quantize_tool_on_a_host_export_equals_quantised_export(tmp_path):
             ids = pipe.prepare("Describe the robot.")[0]
             out.append(pipe.llm.prefill(pipe.llm.embed(ids)))
     np.testing.assert_allclose(out[0], out[1], rtol=1e-5, atol=1e-5)
+
+
+def test_wrong_files_for_the_host_runner_are_refused(model):
+    from dataclasses import replace
+
+    from internvl_ros.backends.onnxruntime_backend import OnnxRuntimeKVSession
+    from internvl_ros.core.errors import ShapeMismatchError
+
+    _, pipe = model
+    _, onnx_dir = tiny_model_dirs("a")
+    layer = discover(onnx_dir).layers[0]
+    with pytest.raises(ModelDirError, match="not a host-layout language model"):
+        OnnxRuntimeKVSession(str(layer), num_threads=1)
+    session = OnnxRuntimeKVSession(str(pipe.model_dir.paths.host_lm), num_threads=1)
+    other = replace(pipe.config, num_hidden_layers=pipe.config.num_hidden_layers + 1)
+    with pytest.raises(ShapeMismatchError, match="belong to different models"):
+        HostLanguageModel(session, pipe.llm.embeddings, other)
+    session.close()
