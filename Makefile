@@ -82,8 +82,13 @@ demo: setup
 bench: setup
 	$(PY) bench/run.py --quick $(if $(JSON),--json $(JSON))
 
+# LLAMACPP=1 adds the llama.cpp anchor: llama-cpp-python built from its sdist by pip (~9 min
+# the first time, then pip's wheel cache), run on the same weights (bench/llamacpp.py).
+LLAMACPP_PKG := llama-cpp-python==0.3.36 "sentencepiece>=0.1.98,<0.3.0"
 bench-full: setup
-	$(PY) bench/run.py --full $(if $(JSON),--json $(JSON))
+	$(if $(LLAMACPP),$(PY) -m pip install --quiet --disable-pip-version-check \
+		--no-binary llama-cpp-python $(LLAMACPP_PKG))
+	$(PY) bench/run.py --full $(if $(LLAMACPP),--llamacpp) $(if $(JSON),--json $(JSON))
 
 # The board leg: the board's software stack as near as PyPI has it (requirements/board-ci.txt),
 # in its own .venv-board, build-board and install-board (env-board.sh). No torch there: it reuses

@@ -180,9 +180,14 @@ def wrap_pipeline(pipe, meter: Meter, capture_logits: bool = False,
     """Replace the sessions of a constructed Pipeline by TimedSessions (from the outside: the
     pipeline looks its sessions up at call time). Returns {"post": ..., "vit": ...} wrappers."""
     llm = pipe.llm
-    llm.layers = [TimedSession(s, meter) for s in llm.layers]
-    llm.post = TimedSession(llm.post, meter, capture=capture_logits)
-    wrapped = {"post": llm.post, "vit": None}
+    if hasattr(llm, "session"):  # the host layout: one KV session (bench/host.py)
+        from host import wrap_host_llm
+
+        wrapped = {"post": wrap_host_llm(llm, meter, capture_logits), "vit": None}
+    else:
+        llm.layers = [TimedSession(s, meter) for s in llm.layers]
+        llm.post = TimedSession(llm.post, meter, capture=capture_logits)
+        wrapped = {"post": llm.post, "vit": None}
     if pipe.vision is not None:
         pipe.vision.session = TimedSession(pipe.vision.session, Meter(), capture=capture_vit)
         wrapped["vit"] = pipe.vision.session
@@ -217,3 +222,13 @@ def bench_image(seed: int = 0, height: int = 480, width: int = 640):
 WARMUP_SYSTEM = "You are a robot."
 QUESTION = "Describe what is in front of the robot, and say whether the path is clear."
 TEXT_QUESTION = "What should a robot check before it crosses a busy corridor?"
+
+
+def serve_worker(tasks: dict, script: str, argv=None) -> int:
+    """main() of a worker script: `python bench/<script> TASK ARGS.json OUT.json`."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 3 or argv[0] not in tasks:
+        print(f"usage: {script} {'|'.join(tasks)} ARGS.json OUT.json", file=sys.stderr)
+        return 2
+    write_json(argv[2], tasks[argv[0]](read_json(argv[1])))
+    return 0

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-NAMES = {"q8": "int8", "q4": "int4", "fp32": "fp32"}
+NAMES = {"host-q8": "host int8", "host-q4": "host int4", "q8": "int8", "q4": "int4",
+         "fp32": "fp32"}
 
 
 def _ratio(a, b):
@@ -59,7 +60,8 @@ def npu_projection(settings: dict, npu: dict) -> dict:
     }
 
 
-def derive(settings, machine, build, bandwidth, ours, hf, npu, agreement, study) -> dict:
+def derive(settings, machine, build, bandwidth, ours, hf, npu, agreement, study,
+           anchor=None) -> dict:
     prim_name = settings["primary"]
     primary = ours[prim_name]
     bw = bandwidth["read_bytes_s"]
@@ -119,12 +121,26 @@ def derive(settings, machine, build, bandwidth, ours, hf, npu, agreement, study)
                 "<="),
         _target("host overhead <= 2% of session time", out["overhead_frac"], 0.02, "<="),
         _target("peak RSS <= 1.2x model files", ratios["peak_rss_vs_model_bytes"], 1.2, "<="),
+        _target(f"{NAMES[prim_name]} decode >= 60% of the bandwidth ceiling",
+                ratios["decode_vs_ceiling"], 0.6, ">="),
     ]
+    if anchor:  # bench/llamacpp.py: the issue-15 keys
+        out["anchor"] = anchor
+        out.update({k: v for k, v in anchor.items() if k != "llamacpp_runs"})
+        out["targets"] += [
+            _target("int8 decode >= 1.0x llama.cpp Q8_0", anchor["decode_vs_llamacpp_q8"],
+                    1.0, ">="),
+            _target("int4 decode >= 1.0x llama.cpp Q4_0", anchor["q4_decode_vs_llamacpp_q4"],
+                    1.0, ">="),
+            _target("llama.cpp threads == ours", anchor["llamacpp_threads"],
+                    settings["threads"], "=="),
+        ]
     return out
 
 
 def _target(name, value, limit, op):
-    met = None if value is None else (value >= limit if op == ">=" else value <= limit)
+    met = None if value is None else {">=": value >= limit, "<=": value <= limit,
+                                      "==": value == limit}[op]
     return {"name": name, "value": value, "limit": limit, "op": op, "met": met}
 
 
@@ -156,7 +172,7 @@ def markdown(r: dict) -> str:
     s, m = r["settings"], r["machine"]
     ours, hf = r["ours"], r["hf"]
     prim = s["primary"]
-    order = [prim] + [k for k in ("q8", "q4", "fp32") if k in ours and k != prim]
+    order = [prim] + [k for k in NAMES if k in ours and k != prim]
     cols = [(f"ours {NAMES[k]}", ours[k]) for k in order]
     cols += [("transformers fp32", hf.get("float32", {})),
              ("transformers bf16", hf.get("bfloat16", {}))]
@@ -258,6 +274,10 @@ def markdown(r: dict) -> str:
                   f"{s['study_tokens']} tokens): " + ", ".join(
                       f"{t} thread(s) {_num(x['decode_tok_s'])} tok/s"
                       for t, x in r["threads_study"].items()), ""]
+    if r.get("anchor"):
+        from llamacpp import markdown_lines
+
+        lines += markdown_lines(r["anchor"])
     lines += ["**Targets**" + (" (defined for --full; on the tiny model they are only a smoke test)"
                                if s["mode"] == "quick" else ""),
               "", "| target | value | met |", "|---|---|---|"]

@@ -37,14 +37,17 @@ NPU_LAYERS = 28
 #: Axera's measured decode of this Python path (full-cache feed; Gradio screenshots): ~217 ms
 #: per token. The copy rate is calibrated on it (bench/report.py npu_projection).
 VENDOR_FULL_MS_PER_TOKEN = 217.0
-#: our quantised builds (bench/build.py VARIANTS); the primary one carries the issue's keys
-QUANT_VARIANTS = ("q8", "q4")
-PRIMARY = "q8"
+#: our quantised builds (bench/build.py VARIANTS, HOST_VARIANTS); the primary one carries the
+#: issue's keys: the host layout's int8 (one graph, KV cache kept in the session)
+QUANT_VARIANTS = ("host-q8", "host-q4", "q8", "q4")
+PRIMARY = "host-q8"
 
 MODES = {
     # tokens: new tokens per request (both sides); npu_tokens: decode tokens on the double
-    "quick": dict(tokens=8, npu_tokens=6, bw_mib=256, bw_repeats=3, study_tokens=8),
-    "full": dict(tokens=32, npu_tokens=8, bw_mib=1024, bw_repeats=5, study_tokens=16),
+    "quick": dict(tokens=8, npu_tokens=6, bw_mib=256, bw_repeats=3, study_tokens=8,
+                  anchor_rounds=1),
+    "full": dict(tokens=32, npu_tokens=8, bw_mib=1024, bw_repeats=5, study_tokens=16,
+                 anchor_rounds=3),
 }
 
 
@@ -94,6 +97,9 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-hf", action="store_true", help="skip transformers (debugging)")
     ap.add_argument("--no-thread-study", action="store_true",
                     help="skip the 1- vs 2-thread decode comparison")
+    ap.add_argument("--llamacpp", action="store_true",
+                    help="also run llama.cpp (llama-cpp-python) Q8_0/Q4_0 on the same weights, "
+                         "alternating with our host builds (bench/llamacpp.py)")
     args = ap.parse_args(argv)
     mode_name = "full" if args.full else "quick"
     cfg = dict(MODES[mode_name])
@@ -154,6 +160,12 @@ def main(argv=None) -> int:
         ask = {side: run_worker("ask.py", side, dict(
             label=side, model_dir=build[PRIMARY if side == "host" else "axera"], threads=th,
             tokens=ask_bench.ASK_TOKENS), work, timeout=900, log=log) for side in ("host", "npu")}
+        anchor = None
+        if args.llamacpp:
+            from llamacpp import run_anchor
+
+            anchor = run_anchor(build, ours[PRIMARY]["prompt_ids"], work, th, n,
+                                cfg["anchor_rounds"], CACHE_DIR / mode_name, log)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -169,7 +181,8 @@ def main(argv=None) -> int:
         "primary": PRIMARY, "study_variant": PRIMARY, "study_tokens": cfg["study_tokens"],
     }
     results = derive(settings=settings, machine=machine_info(), build=build, bandwidth=bw,
-                     ours=ours, hf=hf, npu=npu, agreement=agreement, study=study)
+                     ours=ours, hf=hf, npu=npu, agreement=agreement, study=study,
+                     anchor=anchor)
     results.update(npu_feed.summary(npu["feed"]))
     results.update(ask_bench.derive(ask["host"], ask["npu"],
                                      results["npu_projection"]["copy_rate_bytes_s"]))

@@ -28,6 +28,8 @@ EMBEDDINGS_NAME = "model.embed_tokens.weight.npy"
 LAYER_RE = re.compile(
     r"^(?P<prefix>.+)_p(?P<chunk>\d+)_l(?P<index>\d+)_together\.(?P<ext>onnx|axmodel)$")
 POST_RE = re.compile(r"^(?P<prefix>.+)_post\.(?P<ext>onnx|axmodel)$")
+#: the host layout (onnxruntime only): the whole language model in one graph
+HOST_LM_RE = re.compile(r"^(?P<prefix>.+)_host_lm\.onnx$")
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,11 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class ModelPaths:
-    """Resolved file of each role. `vit` may be None (text-only use)."""
+    """Resolved file of each role. `vit` may be None (text-only use).
+
+    `layout` "split": `layers` + `post` (per-layer files, any backend); "host": `layers` is
+    empty and `post` is the one host-layout graph (`<prefix>_host_lm.onnx`, all layers + final
+    norm + lm_head, onnxruntime only)."""
 
     root: Path | None
     config: Path
@@ -83,6 +89,12 @@ class ModelPaths:
     vit: Path | None = None
     backend: str = "onnxruntime"
     prefix: str = ""
+    layout: str = "split"
+
+    @property
+    def host_lm(self) -> Path | None:
+        """The host-layout graph, or None for the split layout."""
+        return self.post if self.layout == "host" else None
 
     @property
     def hf_dir(self) -> Path:
@@ -378,8 +390,21 @@ def discover(
                     f"no tokenizer.json (or vocab.json + merges.txt) next to {config_path} or "
                     f"in {root}; copy the tokenizer files of the checkpoint there")
 
-    layer_paths, prefix = _resolve_layers(layers, dirs, ext, backend, root)
-    layer_dir = layer_paths[0].parent
+    host = None
+    if backend == "onnxruntime" and layers is None and post is None:
+        host = find(lambda n: bool(HOST_LM_RE.match(n)), "host-layout model (*_host_lm.onnx)",
+                    "layers=... or post=...")
+    if host is not None:
+        if _layer_files(host.parent, ext):
+            raise ModelDirError(
+                f"{host.parent} holds both a host-layout model ({host.name}) and per-layer "
+                "files; keep one layout per folder (internvl-export removes the other layout "
+                "when it writes into a folder)")
+        layer_paths, prefix = (), HOST_LM_RE.match(host.name).group("prefix")
+        layer_dir = host.parent
+    else:
+        layer_paths, prefix = _resolve_layers(layers, dirs, ext, backend, root)
+        layer_dir = layer_paths[0].parent
 
     def beside_layers(explicit, role, name, name_match, what, missing):
         """The explicit file, else `name` next to the layers, else a unique match below root."""
@@ -392,7 +417,7 @@ def discover(
             raise ModelDirError(missing)
         return path
 
-    post_path = beside_layers(
+    post_path = host or beside_layers(
         post, "post", f"{prefix}_post{ext}",
         lambda n: bool(POST_RE.match(n)) and n.endswith(ext), f"post model (*_post{ext})",
         f"no post model ({prefix}_post{ext}: final norm + lm_head) in {layer_dir}; "
@@ -412,7 +437,8 @@ def discover(
 
     return ModelPaths(root=Path(root) if root is not None else None, config=config_path,
                       tokenizer=tok_path, layers=layer_paths, post=post_path,
-                      embeddings=emb_path, vit=vit_path, backend=backend, prefix=prefix)
+                      embeddings=emb_path, vit=vit_path, backend=backend, prefix=prefix,
+                      layout="host" if host is not None else "split")
 
 
 def embeddings_shape(path: Path) -> tuple:
@@ -428,7 +454,7 @@ def embeddings_shape(path: Path) -> tuple:
 def validate(paths: ModelPaths, config: ModelConfig) -> tuple:
     """File-level checks: layer count vs config, embeddings shape vs hidden size."""
     n = len(paths.layers)
-    if n != config.num_hidden_layers:
+    if paths.layout == "split" and n != config.num_hidden_layers:
         raise ModelDirError(
             f"{paths.layers[0].parent} has {n} decoder layer files (l0..l{n - 1}) but "
             f"{paths.config} says {config.text_field}.num_hidden_layers="

@@ -28,6 +28,7 @@ import numpy as np
 from .constraint import ChoiceConstraint, TokenTable
 from .errors import BackendError, BusyError, ConfigError, ModelDirError, ShapeMismatchError
 from .framecache import DEFAULT_FRAME_CACHE_BYTES, EncodedFrame, FrameCache
+from .host_llm import HostLanguageModel
 from .kvfeed import KVFeedStatus, check_kv_feed
 from .llm import LanguageModel, cast, check_max_context, run_session
 from .modeldir import ModelDir, load_model_dir
@@ -157,15 +158,20 @@ class Pipeline:
             paths.tokenizer, hf_dir=paths.hf_dir, extra_eos=self.config.eos_token_ids)
         sessions = []
         try:
-            layers = []
-            for p in paths.layers:
-                layers.append(backend.open(str(p)))
-                sessions.append(layers[-1])
-            post = backend.open(str(paths.post))
-            sessions.append(post)
             embeddings = np.load(paths.embeddings, mmap_mode="r")  # (vocab, hidden)
-            self.llm = LanguageModel(layers, post, embeddings, self.config,
-                                     max_context=max_context, kv_feed=kv_feed)
+            if paths.layout == "host":  # one graph, KV cache kept by the backend
+                sessions.append(backend.open(str(paths.host_lm), role="host_lm"))
+                self.llm = HostLanguageModel(sessions[-1], embeddings, self.config,
+                                             max_context=max_context)
+            else:
+                layers = []
+                for p in paths.layers:
+                    layers.append(backend.open(str(p)))
+                    sessions.append(layers[-1])
+                post = backend.open(str(paths.post))
+                sessions.append(post)
+                self.llm = LanguageModel(layers, post, embeddings, self.config,
+                                         max_context=max_context, kv_feed=kv_feed)
             self.vision = None
             if paths.vit is not None:
                 vit = backend.open(str(paths.vit), role="vit")

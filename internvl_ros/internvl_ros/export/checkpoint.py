@@ -71,8 +71,8 @@ def _load_ref(ref: _TensorRef) -> np.ndarray:
     if ref.dtype not in ("F64", "F32", "F16", "BF16"):
         raise ModelDirError(
             f"{ref.path}: tensor of dtype {ref.dtype} where a float weight was expected. "
-            "Quantised checkpoints (GPTQ/AWQ) are not supported: export from the float "
-            "(bf16/fp16/fp32) checkpoint."
+            "Only float checkpoints and GPTQ-packed ones (quantization_config with "
+            "quant_method 'gptq' in config.json) are supported."
         )
     count = int(np.prod(ref.shape, dtype=np.int64))
     raw = np.fromfile(ref.path, dtype=_ST_DTYPES[ref.dtype], count=count, offset=ref.start)
@@ -204,6 +204,16 @@ class Weights:
         if rows is None:
             return ref.shape
         return (rows.stop - rows.start,) + tuple(ref.shape[1:])
+
+    def get_raw(self, name: str) -> np.ndarray:
+        """Tensor `name` in its stored dtype (the integers of a quantised checkpoint)."""
+        if name not in self._map:
+            raise ModelDirError(f"{self.model_dir}: tensor '{name}' (canonical name) is missing "
+                                "from the safetensors files")
+        ref, _ = self._map[name]
+        count = int(np.prod(ref.shape, dtype=np.int64))
+        raw = np.fromfile(ref.path, dtype=_ST_DTYPES[ref.dtype], count=count, offset=ref.start)
+        return raw.reshape(ref.shape)
 
     def get_optional(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray | None:
         return self.get(name, shape) if name in self._map else None

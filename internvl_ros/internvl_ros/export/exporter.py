@@ -23,11 +23,15 @@ import onnx
 
 from internvl_ros.core.errors import ConfigError, InternVLError, ModelDirError
 from internvl_ros.export.checkpoint import ModelSpec, Weights, read_spec
-from internvl_ros.export.graphs import OPSET, build_layer, build_post, build_vit
+from internvl_ros.export.gptq import GPTQConfig, gptq_linear, read_gptq_config
+from internvl_ros.export.graphs import OPSET, build_host_lm, build_layer, build_post, build_vit
+from internvl_ros.export.quantize import QuantConfig, quantize_blockwise
 
 log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "bfloat16")
+LAYOUTS = ("split", "host")  # split: per-layer files (the Axera contract); host: one graph
+DEFAULT_MAX_POSITIONS = 4096  # rows of the host graph's RoPE tables: its longest context
 EMBED_FILE = "model.embed_tokens.weight.npy"
 INFO_FILE = "internvl_export.json"
 COPY_FILES = (  # copied verbatim when present in the checkpoint folder
@@ -60,6 +64,11 @@ def post_file(prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}_post.onnx"
 
 
+def host_lm_file(prefix: str = DEFAULT_PREFIX) -> str:
+    """File name of the host layout's language model (all layers + norm + lm_head)."""
+    return f"{prefix}_host_lm.onnx"
+
+
 def vit_file(image_size: int = 448) -> str:
     """File name of the ViT + projector model."""
     return f"internvl_vit_model_1x3x{image_size}x{image_size}.onnx"
@@ -86,9 +95,49 @@ def _save_onnx(model: onnx.ModelProto, path: Path) -> None:
         onnx.save_model(model, str(path))
 
 
-def _layer_weights(weights: Weights, spec: ModelSpec, i: int, cast) -> dict[str, np.ndarray]:
-    t = spec.text
-    shapes = {
+_LINEARS = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+            "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+            "mlp.down_proj.weight")
+
+
+def _quantizer(config: QuantConfig | None):
+    """torch-layout (out, in) float weight -> QuantizedWeight (identity without a config)."""
+    if config is None:
+        return lambda w: w
+    return lambda w: quantize_blockwise(np.ascontiguousarray(w.T), config)
+
+
+def _layer_weights(weights: Weights, spec: ModelSpec, i: int, cast,
+                   gptq: GPTQConfig | None = None, accuracy_level: int = 4) -> dict:
+    """Layer i's tensors; with `gptq`, its packed linears as QuantizedWeights."""
+    shapes = _layer_shapes(spec.text)
+    packed = {n for n in _LINEARS
+              if gptq is not None and f"lm.layers.{i}.{n[:-len('weight')]}qweight" in weights}
+    w = {n: cast(weights.get(f"lm.layers.{i}.{n}", shapes[n]))
+         for n in _LAYER_TENSORS if n not in packed}
+    for n in packed:
+        w[n] = _gptq_weight(weights, f"lm.layers.{i}.{n[:-len('.weight')]}", shapes[n], gptq,
+                            accuracy_level)
+    for n in _LAYER_BIASES:
+        b = weights.get_optional(f"lm.layers.{i}.{n}", shapes[n])
+        if b is not None:
+            w[n] = cast(b)
+    return w
+
+
+def _gptq_weight(weights: Weights, base: str, shape: tuple, gptq: GPTQConfig,
+                 accuracy_level: int):
+    """The GPTQ-packed linear `base` ((N, K) = shape in torch layout) for MatMulNBits."""
+    N, K = shape
+    g_idx = f"{base}.g_idx"
+    return gptq_linear(weights.get_raw(f"{base}.qweight"), weights.get_raw(f"{base}.qzeros"),
+                       weights.get_raw(f"{base}.scales"),
+                       weights.get_raw(g_idx) if g_idx in weights else None, gptq, K, N,
+                       accuracy_level, name=base)
+
+
+def _layer_shapes(t) -> dict:
+    return {
         "input_layernorm.weight": (t.hidden,),
         "post_attention_layernorm.weight": (t.hidden,),
         "self_attn.q_proj.weight": (t.heads * t.head_dim, t.hidden),
@@ -105,12 +154,6 @@ def _layer_weights(weights: Weights, spec: ModelSpec, i: int, cast) -> dict[str,
         "self_attn.v_proj.bias": (t.kv_dim,),
         "self_attn.o_proj.bias": (t.hidden,),
     }
-    w = {n: cast(weights.get(f"lm.layers.{i}.{n}", shapes[n])) for n in _LAYER_TENSORS}
-    for n in _LAYER_BIASES:
-        b = weights.get_optional(f"lm.layers.{i}.{n}", shapes[n])
-        if b is not None:
-            w[n] = cast(b)
-    return w
 
 
 class _LazyCast(Mapping):
@@ -198,16 +241,32 @@ def _write_tokenizer_json(hf_dir: Path, out_dir: Path) -> bool:
 
 
 def export_model(hf_dir, out_dir, dtype: str = "float32",
-                 prefix: str = DEFAULT_PREFIX) -> Path:
+                 prefix: str = DEFAULT_PREFIX, layout: str = "split",
+                 quant: QuantConfig | None = None, lm_head_bits: int | None = None,
+                 max_positions: int = DEFAULT_MAX_POSITIONS, accuracy_level: int = 4) -> Path:
     """Export `hf_dir` (InternVL + Qwen3, native or remote-code layout) into `out_dir`.
 
-    Writes `{prefix}_p128_l{i}_together.onnx`, `{prefix}_post.onnx`,
+    Writes the language model as `{prefix}_p128_l{i}_together.onnx` + `{prefix}_post.onnx`
+    (`layout="split"`, the Axera contract) or as one `{prefix}_host_lm.onnx` (`layout="host"`,
+    onnxruntime only, `max_positions` tokens of context), then
     `internvl_vit_model_1x3x448x448.onnx`, `model.embed_tokens.weight.npy` (float32), copies of
     the config/tokenizer files and `internvl_export.json`. `dtype="bfloat16"` rounds every weight
-    to bfloat16 (stored as float32, I/O stays float32). Returns `out_dir`.
+    to bfloat16 (stored as float32, I/O stays float32). `quant` writes the decoder linears as
+    MatMulNBits (round-to-nearest), the lm_head with `lm_head_bits` (default: quant.bits; 0 =
+    float). A GPTQ-packed checkpoint (quantization_config in config.json) keeps its packed
+    linears as MatMulNBits with `accuracy_level` (export/gptq.py); its float tensors (norms,
+    embeddings, ViT, an unquantised lm_head) are read as usual. Returns `out_dir`.
     """
     if dtype not in DTYPES:
         raise ConfigError(f"export dtype '{dtype}' is not one of {DTYPES}.")
+    if layout not in LAYOUTS:
+        raise ConfigError(f"export layout '{layout}' is not one of {LAYOUTS}.")
+    head_bits = lm_head_bits if lm_head_bits is not None else (quant.bits if quant else 0)
+    head_quant = None
+    if head_bits:
+        head_quant = (QuantConfig(head_bits, quant.block_size, quant.symmetric,
+                                  quant.accuracy_level) if quant is not None
+                      else QuantConfig(head_bits, 32, True, accuracy_level))
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if not hf_dir.is_dir():
         raise ModelDirError(f"--hf-model {hf_dir} is not a directory.")
@@ -215,6 +274,15 @@ def export_model(hf_dir, out_dir, dtype: str = "float32",
     t0 = time.monotonic()
     spec = read_spec(hf_dir)
     weights = Weights(hf_dir)
+    gptq = read_gptq_config(hf_dir)
+    if gptq is not None and quant is not None:
+        raise ConfigError(f"{hf_dir} is a GPTQ-packed checkpoint ({gptq.bits}-bit): its "
+                          "weights are already quantised, so drop --bits (use --lm-head-bits "
+                          "for a float lm_head)")
+    if gptq is not None and any(n.startswith("vit.") and n.endswith(".qweight")
+                                for n in weights.names()):
+        raise ModelDirError(f"{hf_dir}: the vision tower is GPTQ-packed; only the language "
+                            "model's linears may be (the ViT must stay float)")
     t = spec.text
     out_dir.mkdir(parents=True, exist_ok=True)
     log.info("exporting %s (%s layout, %d layers, hidden %d, vocab %d) as %s to %s",
@@ -226,18 +294,40 @@ def export_model(hf_dir, out_dir, dtype: str = "float32",
 
     for stale in out_dir.glob(f"{prefix}_p128_l*_together.onnx*"):  # from a bigger model
         index = stale.name[len(f"{prefix}_p128_l"):].split("_", 1)[0]
-        if index.isdigit() and int(index) >= t.num_layers:
+        if layout == "host" or (index.isdigit() and int(index) >= t.num_layers):
             stale.unlink()
-    for i in range(t.num_layers):
-        model = build_layer(t, _layer_weights(weights, spec, i, cast), i)
-        _save_onnx(model, out_dir / layer_file(i, prefix))
-        log.info("layer %d/%d done (%.1f s)", i + 1, t.num_layers, time.monotonic() - t0)
+    other = host_lm_file(prefix) if layout == "split" else post_file(prefix)
+    for stale in (out_dir / other, out_dir / f"{other}.data"):  # the other layout's file
+        if stale.exists():
+            stale.unlink()
+    to_q = _quantizer(quant)
+
+    def layer(i: int) -> dict:
+        w = _layer_weights(weights, spec, i, cast, gptq, accuracy_level)
+        w.update({n: to_q(w[n]) for n in _LINEARS if isinstance(w[n], np.ndarray)})
+        log.info("layer %d/%d read (%.1f s)", i + 1, t.num_layers, time.monotonic() - t0)
+        return w
 
     head = "lm_head.weight" if "lm_head.weight" in weights else "lm.embed_tokens.weight"  # tied
-    lm_head = cast(weights.get(head, (t.vocab, t.hidden)))  # (vocab, hidden)
+
+    def head_weight():
+        if gptq is not None and "lm_head.qweight" in weights:
+            return _gptq_weight(weights, "lm_head", (t.vocab, t.hidden), gptq, accuracy_level)
+        return _quantizer(head_quant)(cast(weights.get(head, (t.vocab, t.hidden))))
+
     norm = cast(weights.get("lm.norm.weight", (t.hidden,)))
-    _save_onnx(build_post(t, norm, lm_head), out_dir / post_file(prefix))
-    del lm_head
+    if layout == "host":
+        lm_head = head_weight()
+        model = build_host_lm(t, layer, norm, lm_head, max_positions)
+        del lm_head
+        _save_onnx(model, out_dir / host_lm_file(prefix))
+        del model
+    else:
+        for i in range(t.num_layers):
+            _save_onnx(build_layer(t, layer(i), i), out_dir / layer_file(i, prefix))
+        lm_head = head_weight()
+        _save_onnx(build_post(t, norm, lm_head), out_dir / post_file(prefix))
+        del lm_head
 
     vit = build_vit(spec.vision, t.hidden, _vit_weights(weights, spec, cast))
     _save_onnx(vit, out_dir / vit_file(spec.vision.image_size))
@@ -248,6 +338,7 @@ def export_model(hf_dir, out_dir, dtype: str = "float32",
         "version": 1,
         "dtype": dtype,
         "source_layout": spec.layout,
+        "layout": layout,
         "prefix": prefix,
         "opset": OPSET,
         "num_layers": t.num_layers,
@@ -258,6 +349,18 @@ def export_model(hf_dir, out_dir, dtype: str = "float32",
         "image_tokens": spec.vision.num_tokens,
         "copied_files": copied,
     }
+    if layout == "host":
+        info["max_positions"] = max_positions
+    if gptq is not None:
+        info["quantization"] = {"method": "gptq", "op": "com.microsoft.MatMulNBits",
+                                "accuracy_level": accuracy_level, **gptq.__dict__,
+                                "lm_head_bits": head_bits}
+    elif quant is not None:
+        info["quantization"] = {
+            "method": "rtn_weight_only", "op": "com.microsoft.MatMulNBits", "bits": quant.bits,
+            "block_size": quant.block_size, "symmetric": quant.symmetric,
+            "accuracy_level": quant.accuracy_level,
+            "lm_head_bits": head_quant.bits if head_quant else 0}
     (out_dir / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     log.info("export finished in %.1f s", time.monotonic() - t0)
     return out_dir
@@ -276,12 +379,30 @@ def main(argv: list[str] | None = None) -> int:
                     help="bfloat16 rounds the weights to bf16 (files and I/O stay float32)")
     ap.add_argument("--prefix", default=DEFAULT_PREFIX,
                     help=f"layer file prefix (default: {DEFAULT_PREFIX})")
+    ap.add_argument("--layout", choices=LAYOUTS, default="split",
+                    help="split: one file per decoder layer + post (the Axera contract, any "
+                         "backend); host: the whole language model in one onnxruntime graph "
+                         "with an in-place KV cache (fastest on CPUs)")
+    ap.add_argument("--bits", type=int, choices=(0, 4, 8), default=0,
+                    help="write the decoder linears as int4/int8 MatMulNBits (round-to-nearest; "
+                         "0 = float, the default)")
+    ap.add_argument("--block-size", type=int, default=32, help="rows of K per scale (--bits)")
+    ap.add_argument("--lm-head-bits", type=int, choices=(0, 4, 8), default=None,
+                    help="bits of the lm_head (default: --bits; 0 keeps it float)")
+    ap.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=4,
+                    help="MatMulNBits compute type (4 = int8 activations, fastest on x86)")
+    ap.add_argument("--max-positions", type=int, default=DEFAULT_MAX_POSITIONS,
+                    help="--layout host: longest context (rows of the RoPE tables)")
     ap.add_argument("-q", "--quiet", action="store_true", help="only print errors")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(message)s")
     try:
-        out = export_model(args.hf_model, args.output, dtype=args.dtype, prefix=args.prefix)
+        quant = (QuantConfig(args.bits, args.block_size, True, args.accuracy_level)
+                 if args.bits else None)
+        out = export_model(args.hf_model, args.output, dtype=args.dtype, prefix=args.prefix,
+                           layout=args.layout, quant=quant, lm_head_bits=args.lm_head_bits,
+                           max_positions=args.max_positions)
     except InternVLError as e:
         print(f"internvl-export: error: {e}", file=sys.stderr)
         return 2

@@ -5,7 +5,12 @@ Three graphs, matching docs/MODEL_DIR.md:
 - `build_post`: final RMSNorm + lm_head.
 - `build_vit`: InternViT + pixel shuffle + mlp1 projector, one 448x448 tile (no resize inside).
 
-Everything is float32 with opset 17 primitives (no contrib ops; onnxruntime >= 1.14).
+The split graphs are float32 with opset 17 primitives (no contrib ops; onnxruntime >= 1.14)
+unless a weight comes quantised (`QuantizedWeight`: a com.microsoft `MatMulNBits`).
+
+- `build_host_lm`: the host layout (onnxruntime only): every decoder layer, the final norm and
+  the lm_head in one graph, with com.microsoft `GroupQueryAttention` appending to a KV cache
+  buffer shared between its past inputs and present outputs (docs/MODEL_DIR.md).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from internvl_ros.export.checkpoint import TextSpec, VisionSpec
+from internvl_ros.export.quantize import MS_DOMAIN, QuantizedWeight, fuse_quantized, nbits_node
 
 OPSET = 17
 MASKED = -65536.0  # additive mask value for "do not attend" (bf16-representable)
@@ -59,10 +65,17 @@ class Graph:
     def scalar(self, value: float) -> str:
         return self.const(np.asarray(value, dtype=np.float32))
 
-    def op(self, op_type: str, *inputs: str, n_out: int = 1, **attrs):
+    def op(self, op_type: str, *inputs: str, n_out: int = 1, domain: str = "", **attrs):
         outs = [self.fresh(op_type.lower()) for _ in range(n_out)]
-        self.graph.node.append(helper.make_node(op_type, list(inputs), outs, **attrs))
+        self.graph.node.append(helper.make_node(op_type, list(inputs), outs, domain=domain,
+                                                **attrs))
+        if domain:
+            self.use_domain(domain)
         return outs[0] if n_out == 1 else outs
+
+    def use_domain(self, domain: str) -> None:
+        if not any(o.domain == domain for o in self.proto.opset_import):
+            self.proto.opset_import.append(helper.make_opsetid(domain, 1))
 
     def add_input(self, name: str, elem_type: int, shape: list) -> str:
         self.graph.input.append(helper.make_tensor_value_info(name, elem_type, shape))
@@ -77,9 +90,17 @@ class Graph:
 
     # -- layers -------------------------------------------------------------------------------
 
-    def linear(self, x: str, weight: np.ndarray, bias: np.ndarray | None, name: str) -> str:
-        """x @ weight.T + bias, weight in torch (out, in) layout."""
-        y = self.op("MatMul", x, self.const(weight.T, f"{name}.weight_t"))
+    def linear(self, x: str, weight, bias: np.ndarray | None, name: str) -> str:
+        """x @ weight.T + bias, weight in torch (out, in) layout, or a QuantizedWeight (K = in,
+        N = out: a MatMulNBits)."""
+        if isinstance(weight, QuantizedWeight):
+            y = self.fresh("matmulnbits")
+            nodes, inits = nbits_node(weight, x, y, f"{name}.weight")
+            self.graph.node.extend(nodes)
+            self.graph.initializer.extend(inits)
+            self.use_domain(MS_DOMAIN)
+        else:
+            y = self.op("MatMul", x, self.const(weight.T, f"{name}.weight_t"))
         if bias is not None:
             y = self.op("Add", y, self.const(bias, f"{name}.bias"))
         return y
@@ -284,4 +305,118 @@ def build_vit(spec: VisionSpec, text_hidden: int, w: Mapping[str, np.ndarray]) -
     x = g.linear(x, w["proj.linear_1.weight"], w["proj.linear_1.bias"], "proj.linear_1")
     x = g.linear(g.gelu(x), w["proj.linear_2.weight"], w["proj.linear_2.bias"], "proj.linear_2")
     g.add_output(x, "image_features", [1, half * half, text_hidden])
+    return g.model()
+
+
+# ---------------------------------------------------------------------------------------------
+# host layout: the whole language model in one graph
+
+HOST_LAYOUT = "host_lm"  # metadata value of `internvl_ros.layout` in the host graph
+
+
+def host_cache_names(i: int) -> tuple:
+    """(past key, past value, present key, present value) tensor names of layer i."""
+    return (f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+            f"present.{i}.key", f"present.{i}.value")
+
+
+def _fuse(weights: list, biases: list):
+    """One (weight, bias) for several linears on the same input (stacked outputs), or None."""
+    if all(isinstance(w, QuantizedWeight) for w in weights):
+        fused = fuse_quantized(weights)
+        outs = [w.N for w in weights]
+    elif not any(isinstance(w, QuantizedWeight) for w in weights):
+        fused = np.concatenate(weights, axis=0)  # torch (out, in) layout: stack the rows
+        outs = [w.shape[0] for w in weights]
+    else:
+        fused = None
+    if fused is None:
+        return None
+    bias = None
+    if any(b is not None for b in biases):
+        bias = np.concatenate([np.zeros(n, np.float32) if b is None else b
+                               for b, n in zip(biases, outs, strict=True)])
+    return fused, bias, outs
+
+
+def build_host_lm(spec: TextSpec, layer_weights, norm_weight: np.ndarray, lm_head,
+                  max_positions: int) -> onnx.ModelProto:
+    """All decoder layers + final norm + lm_head, for onnxruntime (docs/MODEL_DIR.md).
+
+    `layer_weights(i)` returns layer i's tensors as `build_layer` takes them; a linear weight
+    may be a QuantizedWeight. Inputs: `inputs_embeds` (1, n, hidden), `seqlens_k` (1,) int32
+    = past + n - 1, `total_sequence_length` () int32 = past + n, and per layer
+    `past_key_values.{i}.key|value` (1, kv_heads, max_ctx, head_dim). Outputs: `logits`
+    (1, 1, vocab) of the last input row, and `present.{i}.key|value`, which the caller binds to
+    the same buffers as the past inputs: GroupQueryAttention then writes the n new rows in
+    place at rows [past, past + n) and reads rows [0, past + n).
+    RoPE runs inside GroupQueryAttention (rotate-half, cos/sin tables of `max_positions` rows),
+    after the per-head q/k RMSNorm, as in Qwen3.
+    """
+    H, KVH, D = spec.heads, spec.kv_heads, spec.head_dim
+    g = Graph("qwen3_host_lm")
+    g.use_domain(MS_DOMAIN)
+    x = g.add_input("inputs_embeds", TensorProto.FLOAT, [1, "n", spec.hidden])
+    seqlens = g.add_input("seqlens_k", TensorProto.INT32, [1])
+    total = g.add_input("total_sequence_length", TensorProto.INT32, [])
+    angles = np.arange(max_positions, dtype=np.float64)[:, None] \
+        * rope_inv_freq(D, spec.rope_theta).astype(np.float64)[None]  # (max_positions, D/2)
+    cos = g.const(np.cos(angles).astype(np.float32), "rope.cos_cache")
+    sin = g.const(np.sin(angles).astype(np.float32), "rope.sin_cache")
+    eps = float(spec.rms_eps)
+
+    def rms(t: str, weight: np.ndarray, name: str) -> str:
+        return g.op("SimplifiedLayerNormalization", t, g.const(weight, f"{name}.weight"),
+                    axis=-1, epsilon=eps, stash_type=1)
+
+    def linears(t: str, ws: list, bs: list, names: list) -> list:
+        fused = _fuse(ws, bs)
+        if fused is None:
+            return [g.linear(t, w, b, n) for w, b, n in zip(ws, bs, names, strict=True)]
+        w, b, outs = fused
+        y = g.linear(t, w, b, "+".join(names))
+        return g.op("Split", y, g.ints(outs), axis=-1, n_out=len(outs))
+
+    for i in range(spec.num_layers):
+        w = layer_weights(i)
+        p = f"layers.{i}"
+        past_k, past_v, present_k, present_v = host_cache_names(i)
+        for name in (past_k, past_v):
+            g.add_input(name, TensorProto.FLOAT, [1, KVH, "max_ctx", D])
+        h = rms(x, w["input_layernorm.weight"], f"{p}.input_layernorm")  # (1, n, hidden)
+        a = f"{p}.self_attn"
+        q, k, v = linears(h, [w[f"self_attn.{n}_proj.weight"] for n in "qkv"],
+                          [w.get(f"self_attn.{n}_proj.bias") for n in "qkv"],
+                          [f"{a}.{n}_proj" for n in "qkv"])  # (1, n, H*D), (1, n, KVH*D) x 2
+        q = rms(g.op("Reshape", q, g.ints([0, 0, H, D])), w["self_attn.q_norm.weight"],
+                f"{a}.q_norm")  # (1, n, H, D)
+        k = rms(g.op("Reshape", k, g.ints([0, 0, KVH, D])), w["self_attn.k_norm.weight"],
+                f"{a}.k_norm")  # (1, n, KVH, D)
+        q = g.op("Reshape", q, g.ints([0, 0, H * D]))  # (1, n, H*D)
+        k = g.op("Reshape", k, g.ints([0, 0, KVH * D]))  # (1, n, KVH*D)
+        attn = g.fresh("gqa")  # (1, n, H*D); the presents are graph outputs by name
+        g.graph.node.append(helper.make_node(
+            "GroupQueryAttention", [q, k, v, past_k, past_v, seqlens, total, cos, sin],
+            [attn, present_k, present_v], domain=MS_DOMAIN, num_heads=H, kv_num_heads=KVH,
+            do_rotary=1, rotary_interleaved=0))
+        for name in (present_k, present_v):
+            g.graph.output.append(helper.make_tensor_value_info(
+                name, TensorProto.FLOAT, [1, KVH, "max_ctx", D]))
+        attn = g.linear(attn, w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"),
+                        f"{a}.o_proj")  # (1, n, hidden)
+        x = g.op("Add", x, attn)
+        h = rms(x, w["post_attention_layernorm.weight"], f"{p}.post_attention_layernorm")
+        gate, up = linears(h, [w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]],
+                           [None, None], [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"])
+        act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)  # (1, n, inter)
+        x = g.op("Add", x, g.linear(act, w["mlp.down_proj.weight"], None, f"{p}.mlp.down_proj"))
+
+    last = g.op("Slice", x, g.ints([-1]), g.ints([np.iinfo(np.int64).max]),
+                g.ints([1]))  # (1, 1, hidden)
+    logits = g.linear(rms(last, norm_weight, "norm"), lm_head, None, "lm_head")  # (1, 1, vocab)
+    g.add_output(logits, "logits", [1, 1, spec.vocab])
+    for key, value in (("internvl_ros.layout", HOST_LAYOUT),
+                       ("internvl_ros.max_positions", str(int(max_positions)))):
+        entry = g.proto.metadata_props.add()
+        entry.key, entry.value = key, value
     return g.model()

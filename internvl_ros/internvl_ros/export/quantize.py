@@ -81,11 +81,77 @@ class QuantizedWeight:
     N: int
     bits: int
     block_size: int
+    accuracy_level: int = 0
+    #: act-order (GPTQ desc_act): row k of the packed weight multiplies input column perm[k]
+    perm: np.ndarray | None = None  # (K,) int64
 
     @property
     def nbytes(self) -> int:
         zp = 0 if self.zero_points is None else self.zero_points.nbytes
         return self.packed.nbytes + self.scales.nbytes + zp
+
+    def zero_points_or_default(self) -> np.ndarray:
+        """The packed zero points, or the implicit symmetric ones (2^(b-1)) written out."""
+        if self.zero_points is not None:
+            return self.zero_points
+        k_blocks = self.scales.shape[1]
+        z = np.full((self.N, k_blocks), 1 << (self.bits - 1), np.uint8)
+        return pack_zero_points(z, self.bits)
+
+
+def pack_zero_points(z: np.ndarray, bits: int) -> np.ndarray:
+    """(N, k_blocks) zero points in 0..2^b-1 -> MatMulNBits' (N, ceil(k_blocks * b / 8))."""
+    z = np.asarray(z, dtype=np.uint8)
+    if bits == 8:
+        return np.ascontiguousarray(z)
+    if z.shape[1] % 2:
+        z = np.concatenate([z, np.full((z.shape[0], 1), 1 << (bits - 1), np.uint8)], axis=1)
+    return _pack_nibbles(z)
+
+
+def fuse_quantized(weights: list) -> QuantizedWeight | None:
+    """Stack QuantizedWeights that share K, bits, block size and input order along N (one
+    MatMulNBits for q/k/v or gate/up); None when they cannot be fused."""
+    first = weights[0]
+    for w in weights[1:]:
+        if (w.K, w.bits, w.block_size, w.accuracy_level) != \
+                (first.K, first.bits, first.block_size, first.accuracy_level):
+            return None
+        if (w.perm is None) != (first.perm is None) or (
+                w.perm is not None and not np.array_equal(w.perm, first.perm)):
+            return None
+    zp = None
+    if any(w.zero_points is not None for w in weights):
+        zp = np.concatenate([w.zero_points_or_default() for w in weights], axis=0)
+    return QuantizedWeight(
+        np.concatenate([w.packed for w in weights], axis=0),
+        np.concatenate([w.scales for w in weights], axis=0), zp, first.K,
+        sum(w.N for w in weights), first.bits, first.block_size, first.accuracy_level,
+        first.perm)
+
+
+def nbits_node(qw: QuantizedWeight, x: str, out: str, base: str) -> tuple:
+    """A com.microsoft MatMulNBits node computing out = x @ W, and its initializers.
+
+    Returns (nodes, initializers); an act-order weight gets a Gather of x's columns first."""
+    nodes, inits = [], []
+    if qw.perm is not None:
+        inits.append(numpy_helper.from_array(np.asarray(qw.perm, np.int64), f"{base}_perm"))
+        nodes.append(helper.make_node("Gather", [x, f"{base}_perm"], [f"{base}_x_perm"],
+                                      axis=-1))
+        x = f"{base}_x_perm"
+    inputs = [x, f"{base}_Q{qw.bits}", f"{base}_scales"]
+    inits += [numpy_helper.from_array(qw.packed, inputs[1]),
+              numpy_helper.from_array(qw.scales.reshape(-1), inputs[2])]
+    if qw.zero_points is not None:
+        inputs.append(f"{base}_zero_points")
+        inits.append(numpy_helper.from_array(qw.zero_points.reshape(-1), inputs[3]))
+    attrs = dict(K=qw.K, N=qw.N, bits=qw.bits, block_size=qw.block_size)
+    if qw.accuracy_level:
+        attrs["accuracy_level"] = qw.accuracy_level
+    nodes.append(helper.make_node("MatMulNBits", inputs, [out], name=f"{base}_MatMulNBits",
+                                  domain=MS_DOMAIN, **attrs))
+    return nodes, inits
 
 
 def _pack_nibbles(q: np.ndarray) -> np.ndarray:
@@ -136,17 +202,10 @@ def quantize_blockwise(weight: np.ndarray, config: QuantConfig) -> QuantizedWeig
         packed = _pack_nibbles(q)  # (N, k_blocks, bs / 2)
     else:
         packed = q  # (N, k_blocks, bs)
-    zp = None
-    if zero is not None:
-        z = zero[..., 0].astype(np.uint8)  # (N, k_blocks)
-        if bits == 4:
-            if k_blocks % 2:
-                z = np.concatenate([z, np.full((N, 1), mid, np.uint8)], axis=1)
-            zp = _pack_nibbles(z)  # (N, ceil(k_blocks / 2))
-        else:
-            zp = z
+    zp = None if zero is None else pack_zero_points(zero[..., 0], bits)
     return QuantizedWeight(np.ascontiguousarray(packed), np.ascontiguousarray(scales),
-                           None if zp is None else np.ascontiguousarray(zp), K, N, bits, bs)
+                           None if zp is None else np.ascontiguousarray(zp), K, N, bits, bs,
+                           config.accuracy_level)
 
 
 def dequantize_blockwise(qw: QuantizedWeight) -> np.ndarray:
@@ -162,11 +221,20 @@ def dequantize_blockwise(qw: QuantizedWeight) -> np.ndarray:
     else:
         zero = qw.zero_points.astype(np.float32)
     w = (q - zero[..., None]) * qw.scales[..., None]  # (N, k_blocks, bs)
-    return np.ascontiguousarray(w.reshape(qw.N, -1)[:, :qw.K].T)  # (K, N)
+    w = w.reshape(qw.N, -1)[:, :qw.K].T  # (K, N), row k for input column perm[k]
+    if qw.perm is not None:
+        out = np.empty_like(w)
+        out[qw.perm] = w
+        w = out
+    return np.ascontiguousarray(w)  # (K, N) in input-column order
 
 
-def quantize_graph(model: onnx.ModelProto, config: QuantConfig) -> dict:
-    """Replace MatMul(x, const W (K, N)) by MatMulNBits in place; return counts and bytes."""
+def quantize_graph(model: onnx.ModelProto, config: QuantConfig,
+                   head_config: QuantConfig | None | str = "same") -> dict:
+    """Replace MatMul(x, const W (K, N)) by MatMulNBits in place; return counts and bytes.
+
+    `head_config` applies to the lm_head weight of a host-layout graph (None keeps it float;
+    "same" uses `config`)."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     users: dict[str, int] = {}
@@ -182,24 +250,19 @@ def quantize_graph(model: onnx.ModelProto, config: QuantConfig) -> dict:
                 stats["kept"] += 1
             new_nodes.append(node)
             continue
+        cfg = config
+        if head_config != "same" and weight.name.startswith("lm_head."):
+            cfg = head_config
+        if cfg is None:
+            stats["kept"] += 1
+            new_nodes.append(node)
+            continue
         w = numpy_helper.to_array(weight).astype(np.float32)  # (K, N)
-        qw = quantize_blockwise(w, config)
+        qw = quantize_blockwise(w, cfg)
         base = weight.name
-        inputs = [node.input[0], f"{base}_Q{config.bits}", f"{base}_scales"]
-        graph.initializer.extend([
-            numpy_helper.from_array(qw.packed, inputs[1]),
-            numpy_helper.from_array(qw.scales.reshape(-1), inputs[2]),
-        ])
-        if qw.zero_points is not None:
-            inputs.append(f"{base}_zero_points")
-            graph.initializer.append(numpy_helper.from_array(qw.zero_points.reshape(-1),
-                                                             inputs[3]))
-        attrs = dict(K=qw.K, N=qw.N, bits=config.bits, block_size=config.block_size)
-        if config.accuracy_level:
-            attrs["accuracy_level"] = config.accuracy_level
-        new_nodes.append(helper.make_node("MatMulNBits", inputs, list(node.output),
-                                          name=node.name or f"{base}_MatMulNBits",
-                                          domain=MS_DOMAIN, **attrs))
+        nodes, tensors = nbits_node(qw, node.input[0], node.output[0], base)
+        graph.initializer.extend(tensors)
+        new_nodes.extend(nodes)
         dropped.add(base)
         stats["quantized"] += 1
         stats["float_bytes"] += w.nbytes
@@ -239,9 +302,9 @@ def _link_or_copy(src: Path, dst: Path, link: bool) -> None:
     shutil.copy2(src, dst)
 
 
-def _quantize_file(src: Path, dst: Path, config: QuantConfig) -> dict:
+def _quantize_file(src: Path, dst: Path, config: QuantConfig, head_config="same") -> dict:
     model = onnx.load(str(src))  # loads external data too
-    stats = quantize_graph(model, config)
+    stats = quantize_graph(model, config, head_config)
     _save(model, dst)
     return stats
 
@@ -281,12 +344,15 @@ def quantize_model_dir(in_dir, out_dir, bits: int = 4, block_size: int = 32,
             totals[k] += stats[k]
 
     done = set()
+    if paths.layout == "host":  # one graph: the layers with `bits`, its lm_head with head_cfg
+        add(_quantize_file(paths.host_lm, out_dir / paths.host_lm.name, layer_cfg, head_cfg))
+        done.add(paths.host_lm.name)
     for i, layer in enumerate(paths.layers):
         add(_quantize_file(layer, out_dir / layer.name, layer_cfg))
         done.add(layer.name)
         log.info("layer %d/%d quantised (%.1f s)", i + 1, len(paths.layers),
                  time.monotonic() - t0)
-    if head_cfg is not None:
+    if head_cfg is not None and paths.layout == "split":
         add(_quantize_file(paths.post, out_dir / paths.post.name, head_cfg))
         done.add(paths.post.name)
     if vit and paths.vit is not None:

@@ -44,8 +44,8 @@ def cache_root() -> Path:
 
 # The modules whose code decides the built files; add any new module the build imports.
 # (Other modules of the package, e.g. quantize.py, don't invalidate the cache.)
-BUILD_SOURCES = ("checkpoint.py", "corpus.py", "exporter.py", "graphs.py", "tiny.py",
-                 "testing.py")
+BUILD_SOURCES = ("checkpoint.py", "corpus.py", "exporter.py", "graphs.py", "quantize.py",
+                 "tiny.py", "testing.py")
 
 
 def _build_key(spec: str) -> str:
