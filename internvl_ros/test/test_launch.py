@@ -150,6 +150,9 @@ def test_every_yaml_key_is_declared_with_the_same_default_and_type():
     assert not missing, f"config/internvl.yaml does not document: {missing}"
     for name, value in values.items():
         p = params.BY_NAME[name]
+        if isinstance(p.default, tuple):  # a string array: a YAML list
+            assert isinstance(value, list), name
+            value = tuple(value)
         assert type(value) is type(p.default), f"{name}: yaml {value!r} vs default {p.default!r}"
         assert value == p.default, f"{name}: yaml {value!r} vs declared default {p.default!r}"
         assert p.check(value) is None
