@@ -150,7 +150,8 @@ def pipe():
 @pytest.fixture(scope="module")
 def node(ros_domain, pipe):
     side = Side(ros_domain)
-    overrides = [Parameter("model_dir", value="/tiny"), Parameter("cameras", value=["front", "rear"]),
+    overrides = [Parameter("model_dir", value="/tiny"),
+                 Parameter("cameras", value=["front", "rear"]),
                  Parameter("publish_annotated", value=True), Parameter("max_new_tokens", value=8),
                  Parameter("max_frame_age", value=30.0)]
     n = node_mod.InternVLNode(pipeline_loader=lambda *a: pipe, context=side.ctx,
@@ -250,7 +251,7 @@ def client(ros_domain, node):
     for _ in range(40):
         fut = c.srv.call_async(Describe.Request(camera="warm_up"))
         done = threading.Event()
-        fut.add_done_callback(lambda _: done.set())
+        fut.add_done_callback(lambda _, done=done: done.set())
         if done.wait(1.0):
             break
     wait_for(lambda: node.cameras.stores["front"].latest() is not None
@@ -271,10 +272,9 @@ def test_each_camera_is_answered_from_its_own_frames(client, pipe):
         assert resp.success, resp.message
         assert resp.image_header.frame_id == frame_id
         assert np.array_equal(pipe.calls[n]["image"], rgb)  # the pixels of that camera
-        expected = camera or "front"
-        wait_for(lambda: any(c.camera == expected and c.header.frame_id == frame_id
-                             and c.header.stamp == resp.image_header.stamp
-                             for c in list(client.stamped)), 10, f"caption of {expected}")
+        key = (camera or "front", frame_id, resp.image_header.stamp)
+        wait_for(lambda key=key: key in [(c.camera, c.header.frame_id, c.header.stamp)
+                                         for c in list(client.stamped)], 10, f"caption {key}")
 
 
 def test_unknown_camera_fails_at_once_naming_the_known_ones(client, pipe):
