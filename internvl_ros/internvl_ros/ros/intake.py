@@ -143,8 +143,8 @@ class FrameStore:
         if frame is None:
             raise RequestError(
                 f"no frame received yet on {self.topic} ({self.msg_type.__name__}): is the "
-                f"camera publishing there? Remap 'image' to its topic, or send an image in the "
-                f"request")
+                f"camera publishing there? Remap '{self.camera + '/' if self.camera else ''}"
+                f"image' to its topic, or send an image in the request")
         if frame.error is not None:
             raise RequestError(
                 f"the latest frame on {self.topic} could not be decoded and was dropped "
