@@ -18,9 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ensure_import_path, write_json  # noqa: E402
+from common import ensure_import_path, write_json
 
 CAPTION = ("A person in a red jacket stands next to a wooden table with two chairs; a cup and a "
            "laptop are on the table, and a door is open behind them.")

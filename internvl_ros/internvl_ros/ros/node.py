@@ -244,7 +244,8 @@ class InternVLNode(LifecycleNode):
         if outcome.header is not None:
             stamped.header = outcome.header
         self._stamped_pub.publish(stamped)
-        self.outputs.publish(outcome)  # annotated image, vision_msgs: handed to their thread
+        # annotated image (handed to its thread), vision_msgs
+        self.outputs.publish(outcome, not isinstance(job.request.image, intake.RequestImage))
 
     def _continuous_tick(self) -> None:
         """Continuous mode: caption the latest new, fresh frame when the worker is idle, each

@@ -110,8 +110,9 @@ class Outputs:
                                             daemon=True)
             self._thread.start()
 
-    def publish(self, outcome) -> None:
-        """Hand a finished caption over (worker thread; returns at once)."""
+    def publish(self, outcome, from_camera: bool = True) -> None:
+        """Hand a finished caption over (worker thread; returns at once). Only camera frames
+        are drawn (``from_camera``), not an image sent in a request."""
         if self._detections_pub is not None:
             try:
                 self._detections_pub.publish(detection2d_array(outcome.header,
@@ -119,7 +120,7 @@ class Outputs:
             except Exception as e:  # a vision_msgs we do not know: say so, keep captioning
                 self._log.error(f"publishing ~/detections failed: {type(e).__name__}: {e}")
                 self._detections_pub = None
-        pub = self._pubs.get(outcome.camera)
+        pub = self._pubs.get(outcome.camera) if from_camera else None
         if pub is None or outcome.image is None or pub.get_subscription_count() == 0:
             return
         with self._cond:
