@@ -514,6 +514,22 @@ def test_markup_in_a_text_answer_becomes_detections_in_request_image_pixels(make
     assert node.stats.snapshot()["grounding_malformed"] == 1
 
 
+def test_named_cameras_read_name_image_compressed_and_follow_their_remaps(ctx, make_node):
+    node, _ = make_node(cameras=["front", "rear"], image_transport="compressed", start=False)
+    assert {n: s.topic for n, s in node.cameras.stores.items()} == {
+        "front": "/front/image/compressed", "rear": "/rear/image/compressed"}
+    remapped = node_mod.InternVLNode(
+        pipeline_loader=lambda *a: None, context=ctx,
+        parameter_overrides=[Parameter("cameras", value=["front"]),
+                             Parameter("image_transport", value="compressed")],
+        cli_args=["--ros-args", "-r", "front/image:=/cam/f"])
+    try:
+        assert remapped.cameras.stores["front"].topic == "/cam/f/compressed"
+        assert remapped.cameras.stores["front"].msg_type is CompressedImage
+    finally:
+        remapped.destroy_node()
+
+
 @pytest.mark.parametrize("names, why", [(["front", "front"], "distinct"),
                                         (["front/left"], "not a valid name"),
                                         ([""], "not a valid name")])
