@@ -266,6 +266,7 @@ class InferenceWorker:
             outcome.image = None  # the frame is not kept beyond its caption
             job.finish(outcome, claimed=True)
         else:
+            outcome.image = None
             job.finish(outcome)
 
     def _run(self, job: Job) -> Outcome:
