@@ -19,7 +19,14 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from internvl_ros.core.errors import BackendError, InternVLError
-from internvl_ros.core.grounding import Box, decode_with_markup, has_markup, parse_grounding
+from internvl_ros.core.grounding import (
+    GROUNDING_TOKENS,
+    Box,
+    Grounding,
+    decode_with_markup,
+    has_markup,
+    parse_grounding,
+)
 from internvl_ros.core.pipeline import Timings
 from internvl_ros.core.prompt import locate_question
 
@@ -329,13 +336,16 @@ class InferenceWorker:
             image=rgb,
         )
 
-    def _ground(self, res, rgb):
+    def _ground(self, res, rgb) -> Grounding:
         """The answer split into text and boxes in pixels of ``rgb`` (the source frame): the
-        tags are decoded from the token ids when the tokenizer's plain decoding drops them."""
+        tags are decoded from the token ids when the tokenizer's plain decoding drops them. An
+        answer without markup is left exactly as generated."""
         text = res.text
         tokenizer = getattr(self.pipeline, "tokenizer", None)
         if tokenizer is not None and has_markup(tokenizer, res.token_ids):
             text = decode_with_markup(tokenizer, res.token_ids)
+        if not any(tag in text for tag in GROUNDING_TOKENS):
+            return Grounding(res.text, (), 0)
         h, w = rgb.shape[:2]
         return parse_grounding(text, w, h)
 
