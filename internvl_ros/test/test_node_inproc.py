@@ -532,7 +532,8 @@ def test_named_cameras_read_name_image_compressed_and_follow_their_remaps(ctx, m
 
 @pytest.mark.parametrize("names, why", [(["front", "front"], "distinct"),
                                         (["front/left"], "not a valid name"),
-                                        ([""], "not a valid name")])
+                                        ([""], "not a valid name"),
+                                        ([1, 2], "not a valid name")])
 def test_bad_camera_names_fail_at_start_up(ctx, names, why):
     with pytest.raises(ConfigError, match=why):
         node_mod.InternVLNode(pipeline_loader=lambda *a: None, context=ctx,

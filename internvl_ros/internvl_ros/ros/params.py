@@ -55,7 +55,7 @@ class Param:
         """Why ``value`` is not acceptable, or None. (rclpy checks numeric ranges itself.)"""
         if isinstance(self.default, tuple):
             names = list(value or ())
-            bad = [n for n in names if not CAMERA_NAME.fullmatch(n)]
+            bad = [n for n in names if not (isinstance(n, str) and CAMERA_NAME.fullmatch(n))]
             if bad:
                 return (f"{self.name}: {', '.join(repr(n) for n in bad)} is not a valid name "
                         f"(a letter, then letters, digits or _)")
@@ -180,6 +180,9 @@ def descriptor(p: Param):
         d.additional_constraints = "one of: " + ", ".join(p.choices)
     if isinstance(p.default, tuple):
         d.additional_constraints = "distinct names: a letter, then letters, digits or _"
+        # rclpy infers an empty list's type as a byte array: typed dynamically, the default []
+        # and a string array from a params file are both accepted (check() checks the items)
+        d.dynamic_typing = True
     elif isinstance(p.default, bool):
         d.additional_constraints = "true or false"
     elif isinstance(p.default, int):
@@ -194,26 +197,16 @@ def descriptor(p: Param):
 
 
 def declare_all(node) -> None:
-    """Declare every parameter on ``node`` (values from --params-file override the defaults).
-
-    A string array is declared by type (rclpy cannot tell the type of an empty list): unset, it
-    reads as its default through ``value``."""
-    from rclpy.parameter import Parameter
-
+    """Declare every parameter on ``node`` (values from --params-file override the defaults)."""
     node.declare_parameters("", [
-        (p.name, Parameter.Type.STRING_ARRAY if isinstance(p.default, tuple) else p.default,
-         descriptor(p)) for p in PARAMS])
+        (p.name, list(p.default) if isinstance(p.default, tuple) else p.default, descriptor(p))
+        for p in PARAMS])
 
 
 def value(node, name: str):
-    """The parameter's value; an unset string array reads as its default (an empty tuple)."""
-    from rclpy.exceptions import ParameterUninitializedException
-
-    try:
-        v = node.get_parameter(name).value
-    except ParameterUninitializedException:
-        return BY_NAME[name].default
-    return tuple(v) if isinstance(BY_NAME[name].default, tuple) else v
+    """The parameter's value (a string array as a tuple)."""
+    v = node.get_parameter(name).value
+    return tuple(v or ()) if isinstance(BY_NAME[name].default, tuple) else v
 
 
 def check_values(values: dict) -> list[str]:
