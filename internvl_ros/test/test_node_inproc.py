@@ -514,6 +514,17 @@ def test_markup_in_a_text_answer_becomes_detections_in_request_image_pixels(make
     assert node.stats.snapshot()["grounding_malformed"] == 1
 
 
+def test_annotated_image_topics_single_and_named_cameras(make_node):
+    single, _ = make_node(publish_annotated=True)
+    assert {c: p.topic_name for c, p in single.outputs._pubs.items()} == {
+        "": "/internvl/annotated_image"}
+    named, _ = make_node(publish_annotated=True, cameras=["front", "rear"])
+    assert {c: p.topic_name for c, p in named.outputs._pubs.items()} == {
+        "front": "/internvl/front/annotated_image", "rear": "/internvl/rear/annotated_image"}
+    off, _ = make_node()
+    assert off.outputs._pubs == {}
+
+
 def test_named_cameras_read_name_image_compressed_and_follow_their_remaps(ctx, make_node):
     node, _ = make_node(cameras=["front", "rear"], image_transport="compressed", start=False)
     assert {n: s.topic for n, s in node.cameras.stores.items()} == {
