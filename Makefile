@@ -74,7 +74,7 @@ test-browser: setup
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements/console.txt
 	source env.sh && python -m pytest internvl_ros/test/browser_console.py $(PYTEST_ARGS)
 
-# MODEL_DIR=... BACKEND=axengine BAG=... TOPIC=... are read by the demo script.
+# MODEL_DIR=... BACKEND=axengine BAG=... TOPIC=... TWO_CAMERAS=1 are read by the demo script.
 demo: setup
 	source env.sh && python -m internvl_ros.tools.demo
 

@@ -11,6 +11,10 @@ Arguments:
   namespace               namespace of the node (default: none, so /internvl/describe)
   image_topic             topic remapped onto the node's "image" input (with
                           image_transport: compressed the node reads <image_topic>/compressed)
+  camera_topics           with named cameras (parameter cameras, e.g. params_file:=
+                          .../config/internvl_two_cameras.yaml): "name=topic" pairs separated by
+                          spaces or commas, each remapping <name>/image, e.g.
+                          camera_topics:="front=/front/image_raw rear=/rear/image_raw"
   use_large_data_profile  true: start the node with config/fastdds_large_data.xml as its Fast DDS
                           profile (give the camera driver the same file; docs/NODE.md). Sets
                           FASTRTPS_DEFAULT_PROFILES_FILE (read by Fast DDS 2.x: Humble, Jazzy)
@@ -35,6 +39,18 @@ EXECUTABLE = "internvl_node"
 PROFILES_FILE_VARIABLES = ("FASTRTPS_DEFAULT_PROFILES_FILE", "FASTDDS_DEFAULT_PROFILES_FILE")
 
 
+def camera_remaps(text: str) -> list:
+    """[("<name>/image", topic), ...] from "name=topic name=topic" (spaces or commas)."""
+    remaps = []
+    for pair in text.replace(",", " ").split():
+        name, sep, topic = pair.partition("=")
+        if not sep or not name or not topic:
+            raise ValueError(f"camera_topics: '{pair}' is not name=topic (e.g. "
+                             "camera_topics:=\"front=/front/image_raw rear=/rear/image_raw\")")
+        remaps.append((f"{name}/image", topic))
+    return remaps
+
+
 def node_action(context):
     """The node; model_dir overrides the params file only when the argument is non-empty."""
     parameters = [LaunchConfiguration("params_file")]
@@ -51,7 +67,8 @@ def node_action(context):
             name="internvl",
             namespace=LaunchConfiguration("namespace"),
             parameters=parameters,
-            remappings=[("image", LaunchConfiguration("image_topic"))],
+            remappings=[("image", LaunchConfiguration("image_topic"))]
+            + camera_remaps(LaunchConfiguration("camera_topics").perform(context)),
             output="screen",
             emulate_tty=True,
         )
@@ -85,6 +102,12 @@ def generate_launch_description():
                 "image_topic",
                 default_value="image",
                 description="Camera topic remapped onto the node's 'image' input.",
+            ),
+            DeclareLaunchArgument(
+                "camera_topics",
+                default_value="",
+                description="Named cameras: 'name=topic' pairs (spaces or commas), each "
+                "remapped onto the node's '<name>/image' input.",
             ),
             DeclareLaunchArgument(
                 "use_large_data_profile",

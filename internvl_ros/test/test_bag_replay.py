@@ -232,3 +232,22 @@ def test_continuous_mode_records_the_nodes_captions(tmp_path, ros_domain, model_
         key = (rec["stamp"]["sec"], rec["stamp"]["nanosec"])
         assert key in stamps
         assert rec["frame_index"] == stamps[key]
+
+
+def test_record_keeps_a_captions_camera_and_detections(tmp_path):
+    from rosbags.highlevel import AnyReader
+
+    from internvl_ros.tools.bag_replay import Recorder
+    from internvl_ros_interfaces.msg import Caption, Detection
+
+    rec = Recorder(tmp_path / "rec", "/cam/image", "raw", "/internvl")
+    msg = Caption(text="a cup", camera="front", detections=[
+        Detection(label="cup", x_min=1.0, y_min=2.0, x_max=3.5, y_max=4.0)])
+    msg.header.frame_id = "front_link"
+    rec.caption_stamped(msg)
+    rec.close()
+    with AnyReader([tmp_path / "rec"]) as reader:
+        (got,) = [reader.deserialize(raw, c.msgtype) for c, _, raw in reader.messages()]
+    assert (got.camera, got.header.frame_id, got.text) == ("front", "front_link", "a cup")
+    (d,) = got.detections
+    assert (d.label, d.x_min, d.y_min, d.x_max, d.y_max) == ("cup", 1.0, 2.0, 3.5, 4.0)

@@ -150,6 +150,9 @@ def test_every_yaml_key_is_declared_with_the_same_default_and_type():
     assert not missing, f"config/internvl.yaml does not document: {missing}"
     for name, value in values.items():
         p = params.BY_NAME[name]
+        if isinstance(p.default, tuple):  # a string array: a YAML list
+            assert isinstance(value, list), name
+            value = tuple(value)
         assert type(value) is type(p.default), f"{name}: yaml {value!r} vs default {p.default!r}"
         assert value == p.default, f"{name}: yaml {value!r} vs declared default {p.default!r}"
         assert p.check(value) is None
@@ -205,3 +208,21 @@ def test_docs_table_lists_every_parameter():
     doc = (PKG.parent / "docs" / "NODE.md").read_text()
     for name in params.PARAM_NAMES:
         assert f"`{name}`" in doc, f"docs/NODE.md does not document {name}"
+
+
+def test_camera_topics_argument_remaps_each_named_camera(description):
+    (node,) = _nodes(description, camera_topics="front=/cams/front/image_raw, rear=/r/img")
+    assert node.kwargs["remappings"][1:] == [("front/image", "/cams/front/image_raw"),
+                                             ("rear/image", "/r/img")]
+    with pytest.raises(ValueError, match="not name=topic"):
+        _nodes(description, camera_topics="front")
+
+
+def test_two_camera_config_sets_declared_parameters():
+    doc = yaml.safe_load((PKG / "config" / "internvl_two_cameras.yaml").read_text())
+    ((_, body),) = doc.items()
+    values = body["ros__parameters"]
+    assert values["cameras"] == ["front", "rear"] and values["publish_annotated"] is True
+    for name, value in values.items():
+        p = params.BY_NAME[name]
+        assert p.check(tuple(value) if isinstance(value, list) else value) is None

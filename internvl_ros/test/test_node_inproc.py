@@ -24,7 +24,7 @@ from rclpy.parameter import Parameter
 from rclpy.serialization import serialize_message
 from sensor_msgs.msg import CompressedImage, Image
 
-from internvl_ros.core.errors import BackendError
+from internvl_ros.core.errors import BackendError, ConfigError
 from internvl_ros.core.pipeline import Timings
 from internvl_ros.ros import compat
 from internvl_ros.ros import node as node_mod
@@ -485,6 +485,70 @@ def test_diagnostics_warn_on_dropped_frames_and_failed_requests(make_node):
 
 # ---------------------------------------------------------------------------------------------
 # the private rclpy hooks
+
+
+def test_single_camera_node_refuses_a_camera_name_and_a_blank_locate(make_node):
+    node, pipe = make_node()
+    put(node, rgb_image())
+    out = node.describer.serve(Describe.Request(prompt="x", camera="front"), "service")
+    assert not out.success
+    assert out.message == ("unknown camera 'front'; this node has one camera (parameter cameras "
+                           "is empty): leave camera empty")
+    out = node.describer.serve(Describe.Request(locate="   "), "service")
+    assert not out.success and out.message.startswith("locate: the phrase is empty")
+    assert pipe.images == []  # neither was queued
+    out = node.describer.serve(Describe.Request(prompt="x"), "service")
+    assert out.success and out.camera == ""
+
+
+def test_markup_in_a_text_answer_becomes_detections_in_request_image_pixels(make_node):
+    """A pipeline without a tokenizer: the text itself is parsed (8x8 request image)."""
+    node, pipe = make_node(ScriptedPipeline(
+        deltas=("a <ref>cup</ref>", "<box>[[0, 0, 500, 1000]]</box>", " <box>[[1, 2]]</box>")))
+    resp = node.describer._on_service(Describe.Request(prompt="x", image=rgb_image()),
+                                      Describe.Response())
+    node._pending.done()  # (no executor sends this response)
+    assert resp.success and resp.caption == "a cup"
+    assert [(d.label, d.x_min, d.y_min, d.x_max, d.y_max) for d in resp.detections] == [
+        ("cup", 0.0, 0.0, 4.0, 8.0)]
+    assert node.stats.snapshot()["grounding_malformed"] == 1
+
+
+def test_annotated_image_topics_single_and_named_cameras(make_node):
+    single, _ = make_node(publish_annotated=True)
+    assert {c: p.topic_name for c, p in single.outputs._pubs.items()} == {
+        "": "/internvl/annotated_image"}
+    named, _ = make_node(publish_annotated=True, cameras=["front", "rear"])
+    assert {c: p.topic_name for c, p in named.outputs._pubs.items()} == {
+        "front": "/internvl/front/annotated_image", "rear": "/internvl/rear/annotated_image"}
+    off, _ = make_node()
+    assert off.outputs._pubs == {}
+
+
+def test_named_cameras_read_name_image_compressed_and_follow_their_remaps(ctx, make_node):
+    node, _ = make_node(cameras=["front", "rear"], image_transport="compressed", start=False)
+    assert {n: s.topic for n, s in node.cameras.stores.items()} == {
+        "front": "/front/image/compressed", "rear": "/rear/image/compressed"}
+    remapped = node_mod.InternVLNode(
+        pipeline_loader=lambda *a: None, context=ctx,
+        parameter_overrides=[Parameter("cameras", value=["front"]),
+                             Parameter("image_transport", value="compressed")],
+        cli_args=["--ros-args", "-r", "front/image:=/cam/f"])
+    try:
+        assert remapped.cameras.stores["front"].topic == "/cam/f/compressed"
+        assert remapped.cameras.stores["front"].msg_type is CompressedImage
+    finally:
+        remapped.destroy_node()
+
+
+@pytest.mark.parametrize("names, why", [(["front", "front"], "distinct"),
+                                        (["front/left"], "not a valid name"),
+                                        ([""], "not a valid name"),
+                                        ([1, 2], "not a valid name")])
+def test_bad_camera_names_fail_at_start_up(ctx, names, why):
+    with pytest.raises(ConfigError, match=why):
+        node_mod.InternVLNode(pipeline_loader=lambda *a: None, context=ctx,
+                              parameter_overrides=[Parameter("cameras", value=names)])
 
 
 def test_every_private_rclpy_hook_exists_on_this_rclpy():

@@ -387,3 +387,54 @@ def test_throttle_is_per_kind_and_counts_what_it_held_back():
     assert t("size") is None and t("size") is None
     t._last["size"] -= 0.25  # the period has passed (no sleep)
     assert t("size") == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# vision_msgs (not installable here): the mapping, against stand-ins of both message layouts
+
+
+def _vision_msgs_standin(humble: bool):
+    """Plain classes with the fields of vision_msgs 4.x (Humble) or 3.x."""
+    from types import SimpleNamespace as NS
+
+    class Detection2D:
+        def __init__(self):
+            centre = NS(position=NS(x=0.0, y=0.0), theta=0.0) if humble else NS(x=0.0, y=0.0)
+            self.header, self.results = None, []
+            self.bbox = NS(center=centre, size_x=0.0, size_y=0.0)
+            if humble:
+                self.id = ""
+
+    class ObjectHypothesisWithPose:
+        def __init__(self):
+            if humble:
+                self.hypothesis = NS(class_id="", score=0.0)
+            else:
+                self.id, self.score = "", 0.0
+
+    class Detection2DArray:
+        def __init__(self):
+            self.header, self.detections = None, []
+
+    return NS(Detection2D=Detection2D, Detection2DArray=Detection2DArray,
+              ObjectHypothesisWithPose=ObjectHypothesisWithPose)
+
+
+@pytest.mark.parametrize("humble", [True, False])
+def test_detections_map_to_vision_msgs_centre_and_size(humble):
+    from internvl_ros.core.grounding import Box
+    from internvl_ros.ros.outputs import detection2d_array
+
+    header = object()
+    arr = detection2d_array(header, (Box("cup", 10.0, 20.0, 50.0, 100.0), Box("", 0, 0, 4, 2)),
+                            _vision_msgs_standin(humble))
+    assert arr.header is header and len(arr.detections) == 2
+    det = arr.detections[0]
+    centre = det.bbox.center.position if humble else det.bbox.center
+    assert (centre.x, centre.y, det.bbox.size_x, det.bbox.size_y) == (30.0, 60.0, 40.0, 80.0)
+    assert det.header is header
+    (hyp,) = det.results
+    if humble:
+        assert (hyp.hypothesis.class_id, hyp.hypothesis.score, det.id) == ("cup", 1.0, "cup")
+    else:
+        assert (hyp.id, hyp.score) == ("cup", 1.0)

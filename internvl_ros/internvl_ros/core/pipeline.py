@@ -280,11 +280,15 @@ class Pipeline:
         return EncodedFrame(tiles=tuple(len(p) for p in pixel_list), video=bool(video),
                             shapes=shapes, pixels=np.concatenate(pixel_list), key=key)
 
-    def _prompt_ids(self, prompt: str, frame: EncodedFrame | None,
+    def _prompt_ids(self, prompt: str | Sequence[str | int], frame: EncodedFrame | None,
                     system_prompt: str | None) -> list[int]:
-        """The prompt's token ids, checked against the prompt limit."""
-        if not isinstance(prompt, str):
-            raise ShapeMismatchError(f"prompt must be a string, got {type(prompt).__name__}")
+        """The prompt's token ids, checked against the prompt limit. `prompt` is user text, or
+        the package's own sequence of text and control-token ids (`prompt.locate_question`)."""
+        if not isinstance(prompt, str) and not (
+                isinstance(prompt, (list, tuple))
+                and all(isinstance(p, (str, int)) and not isinstance(p, bool) for p in prompt)):
+            raise ShapeMismatchError(f"prompt must be a string (or locate_question's sequence), "
+                                     f"got {type(prompt).__name__}")
         tiles = list(frame.tiles) if frame is not None else []
         video = frame.video if frame is not None else False
         ids = build_prompt_ids(self.tokenizer, prompt, tiles, video=video,
@@ -312,10 +316,11 @@ class Pipeline:
     def backend_ext(self) -> str:
         return ".axmodel" if self.backend_name == "axengine" else ".onnx"
 
-    def generate(self, prompt: str, images: Sequence = (), video: bool = False,
-                 system_prompt: str | None = None, config: GenerationConfig | None = None,
-                 frame_key=None) -> Generation:
-        """Start a request; iterate the returned Generation for tokens.
+    def generate(self, prompt: str | Sequence[str | int], images: Sequence = (),
+                 video: bool = False, system_prompt: str | None = None,
+                 config: GenerationConfig | None = None, frame_key=None) -> Generation:
+        """Start a request; iterate the returned Generation for tokens. `prompt` is the question:
+        user text, or `prompt.locate_question(tokenizer, phrase)` (grounding).
 
         `frame_key` (hashable, e.g. (camera, stamp, arrival)) names the frame the images are:
         a frame encoded before under that key skips preprocessing and the ViT (the frame
@@ -353,8 +358,8 @@ class Pipeline:
             raise ConfigError(f"config must be a GenerationConfig, got {type(config).__name__}")
         return config
 
-    def _start(self, prompt: str, frame: EncodedFrame | None, system_prompt: str | None,
-               config: GenerationConfig, t0: float) -> Generation:
+    def _start(self, prompt: str | Sequence[str | int], frame: EncodedFrame | None,
+               system_prompt: str | None, config: GenerationConfig, t0: float) -> Generation:
         ids = self._prompt_ids(prompt, frame, system_prompt)
         choice = self._constraint(config)
         with self._lock:

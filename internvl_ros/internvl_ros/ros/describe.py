@@ -17,12 +17,15 @@ from collections.abc import Callable
 from rclpy.action import CancelResponse, GoalResponse
 
 from internvl_ros.core import GenerationConfig
+from internvl_ros.core.errors import ConfigError
+from internvl_ros.core.grounding import LOCATE_PREFIX, REF_END, REF_START, Box, check_phrase
 from internvl_ros.core.pipeline import Timings
 from internvl_ros.ros import compat, image_conv, params
 from internvl_ros.ros.diagnostics import Stats, Throttle
-from internvl_ros.ros.intake import FrameStore, RequestImage
+from internvl_ros.ros.intake import Cameras, RequestImage
 from internvl_ros.ros.worker import SHUTTING_DOWN, Job, Outcome, Request, RequestError
 from internvl_ros_interfaces.action import Describe as DescribeAction
+from internvl_ros_interfaces.msg import Detection
 from internvl_ros_interfaces.msg import Timings as TimingsMsg
 from internvl_ros_interfaces.srv import Describe as DescribeSrv
 
@@ -55,6 +58,12 @@ def timings_msg(t: Timings) -> TimingsMsg:
     return msg
 
 
+def detection_msgs(boxes: tuple[Box, ...]) -> list[Detection]:
+    """Detection messages for the core's boxes (response, result and caption_stamped)."""
+    return [Detection(label=b.label, x_min=b.x_min, y_min=b.y_min, x_max=b.x_max,
+                      y_max=b.y_max) for b in boxes]
+
+
 def drop_request_images(goal) -> None:
     """Free the image data of a finished goal: rclpy keeps the goal request until the action
     server's result_timeout (15 min on Humble), and a 1080p rgb8 image is 6 MB."""
@@ -72,6 +81,7 @@ def fill(dst, outcome: Outcome):
     if outcome.header is not None:
         dst.image_header = outcome.header
     dst.timings = timings_msg(outcome.timings)
+    dst.detections = detection_msgs(outcome.detections)
     return dst
 
 
@@ -82,10 +92,10 @@ class Describer:
     requests are served only while ``state == "active"``; otherwise they are answered at once.
     """
 
-    def __init__(self, node, frames: FrameStore, stats: Stats, pending: compat.Pending,
+    def __init__(self, node, cameras: Cameras, stats: Stats, pending: compat.Pending,
                  param: Callable[[str], object], on_caption: Callable[[Job, Outcome], None]):
         self._node = node
-        self.frames = frames
+        self.cameras = cameras
         self.stats = stats
         self._pending = pending
         self._p = param
@@ -141,9 +151,17 @@ class Describer:
         )
 
     def make_request(self, image, source: str, prompt: str = "", system_prompt: str = "",
-                     max_new_tokens: int = 0, on_delta=None) -> Request:
-        """A request with the node's defaults applied."""
+                     max_new_tokens: int = 0, on_delta=None, locate: str = "") -> Request:
+        """A request with the node's defaults applied; with ``locate`` (a phrase), the question
+        is InternVL's grounding prompt for it (``prompt`` shows it as text)."""
+        if locate:
+            try:
+                locate = check_phrase(locate)
+            except ConfigError as e:
+                raise RequestError(str(e)) from e
+            prompt = f"{LOCATE_PREFIX}{REF_START}{locate}{REF_END}"
         return Request(
+            locate=locate,
             prompt=prompt.strip() or self._p("default_prompt"),
             system_prompt=system_prompt or self._p("system_prompt") or None,
             config=self.generation_config(max_new_tokens or int(self._p("max_new_tokens"))),
@@ -154,8 +172,15 @@ class Describer:
         )
 
     def _build_request(self, req, source: str, on_delta=None) -> Request:
-        """The image chosen now: the request's (validated now, so a bad one fails at once), or
-        the latest frame if it is fresh enough."""
+        return self.make_request(self.choose_image(req), source, req.prompt, req.system_prompt,
+                                 int(req.max_new_tokens), on_delta, req.locate)
+
+    def choose_image(self, req):
+        """The image a request (Describe, Ask: ``camera``, ``max_frame_age``, ``image``,
+        ``compressed_image``) is about, chosen now: the request's own image (validated now, so
+        a bad one fails at once), or its camera's latest frame if it is fresh enough. An unknown
+        camera fails at once (RequestError naming the known ones), also with an image."""
+        store = self.cameras.store(req.camera)
         image = None
         if len(req.image.data) > 0:
             image = req.image
@@ -169,9 +194,8 @@ class Describer:
             source_image = RequestImage(image)
         else:
             age = float(req.max_frame_age) or float(self._p("max_frame_age"))
-            source_image = self.frames.choose(age if age > 0 else math.inf)
-        return self.make_request(source_image, source, req.prompt, req.system_prompt,
-                                 int(req.max_new_tokens), on_delta)
+            source_image = store.choose(age if age > 0 else math.inf)
+        return source_image
 
     def refusal(self, worker) -> Outcome | None:
         """The answer for a request that cannot be served now, or None."""
@@ -295,10 +319,12 @@ class Describer:
             sent["open"] = False  # from here on the worker's feedback is dropped
             n_final = int(outcome.timings.generated_tokens)
             if outcome.success and (outcome.text, n_final) != (sent["text"], sent["n"]):
-                # the throttle held the end back (text, or only the token count): the last
-                # feedback always matches the result
+                # the throttle held the end back (text, or only the token count), or grounding
+                # markup was removed: the last feedback always matches the result
+                extends = outcome.text.startswith(sent["text"])
                 goal_handle.publish_feedback(DescribeAction.Feedback(
-                    text=outcome.text, delta=outcome.text[len(sent["text"]):],
+                    text=outcome.text,
+                    delta=outcome.text[len(sent["text"]):] if extends else outcome.text,
                     generated_tokens=n_final,
                 ))
         self._log_failure("describe action", outcome)

@@ -19,6 +19,7 @@ class Stats:
     requests_failed: int = 0
     requests_cancelled: int = 0
     continuous_captions: int = 0
+    grounding_malformed: int = 0  # <ref>/<box> spans in answers that could not be read
     last_ttft_s: float = 0.0
     last_tokens_per_s: float = 0.0
     last_error: str = ""

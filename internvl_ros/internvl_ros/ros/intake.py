@@ -39,8 +39,9 @@ class Frame:
     (and the data dropped) when it fails to decode, so it is never tried again."""
 
     def __init__(self, view, info: image_conv.FrameInfo, arrival: float, seq: int, where: str,
-                 on_bad: Callable[[image_conv.BadFrameError, str], None]):
+                 on_bad: Callable[[image_conv.BadFrameError, str], None], camera: str = ""):
         self._view = view  # holds the bytes alive through its memoryview
+        self.camera = camera  # the name from the cameras parameter ("" for the single camera)
         self.info = info
         self.arrival = arrival
         self.seq = seq
@@ -71,6 +72,8 @@ class Frame:
 class RequestImage:
     """The image a request carries (validated when the request arrived)."""
 
+    camera = ""  # no camera: Caption.camera stays empty
+
     def __init__(self, msg):
         self.msg = msg
 
@@ -84,9 +87,12 @@ class RequestImage:
 
 
 class FrameStore:
-    """The latest frame, its lock and staleness, and the accounting of bad frames."""
+    """One camera: the latest frame, its lock and staleness, and the accounting of bad frames
+    (the node's totals in ``stats``, this camera's in ``received``/``dropped``)."""
 
-    def __init__(self, transport: str, topic: str, stats: Stats, logger):
+    def __init__(self, transport: str, topic: str, stats: Stats, logger, camera: str = ""):
+        self.camera = camera
+        self.received = self.dropped = 0
         self.msg_type = CompressedImage if transport == "compressed" else Image
         self.topic = topic
         self._parse = cdr.parse_compressed if transport == "compressed" else cdr.parse_image
@@ -105,6 +111,7 @@ class FrameStore:
     def put(self, raw: bytes, max_dim: int) -> Frame | None:
         """Parse and validate a serialized frame; keep it as the latest (None if dropped)."""
         self._stats.bump("frames_received")
+        self.received += 1  # (one intake callback at a time writes it)
         now = time.monotonic()
         self.last_arrival = now
         try:
@@ -124,7 +131,7 @@ class FrameStore:
         except image_conv.BadFrameError as e:
             self.drop(e, self.topic)
             return None
-        frame = Frame(view, info, now, next(self._seq), self.topic, self.drop)
+        frame = Frame(view, info, now, next(self._seq), self.topic, self.drop, self.camera)
         with self._lock:
             self._latest = frame
         return frame
@@ -136,8 +143,8 @@ class FrameStore:
         if frame is None:
             raise RequestError(
                 f"no frame received yet on {self.topic} ({self.msg_type.__name__}): is the "
-                f"camera publishing there? Remap 'image' to its topic, or send an image in the "
-                f"request")
+                f"camera publishing there? Remap '{self.camera + '/' if self.camera else ''}"
+                f"image' to its topic, or send an image in the request")
         if frame.error is not None:
             raise RequestError(
                 f"the latest frame on {self.topic} could not be decoded and was dropped "
@@ -154,6 +161,8 @@ class FrameStore:
     def drop(self, e: image_conv.BadFrameError, where: str) -> None:
         """Count a bad frame and warn (at most once per kind per WARN_PERIOD_S)."""
         self._stats.drop(e.kind, f"bad frame on {where}: {e}")
+        with self._lock:
+            self.dropped += 1
         held = self._warn(e.kind)
         if held is not None:
             more = f" ({held} more since the last warning)" if held else ""
@@ -170,14 +179,63 @@ class FrameStore:
         return text, time.monotonic() - frame.arrival
 
 
-def image_topic(node, transport: str) -> str:
-    """Resolved topic; 'image/compressed' follows a remap of 'image' like image_transport."""
+def image_topic(node, transport: str, base: str = "image") -> str:
+    """Resolved topic of ``base`` ('image', or '<camera>/image'); '<base>/compressed' follows a
+    remap of ``base`` like image_transport."""
     if transport == "raw":
-        return compat.resolve_topic(node, "image")
-    remapped = compat.resolve_topic(node, "image/compressed")
-    if remapped != compat.resolve_topic(node, "image/compressed", only_expand=True):
-        return remapped  # image/compressed itself was remapped
-    return compat.resolve_topic(node, "image").rstrip("/") + "/compressed"
+        return compat.resolve_topic(node, base)
+    remapped = compat.resolve_topic(node, f"{base}/compressed")
+    if remapped != compat.resolve_topic(node, f"{base}/compressed", only_expand=True):
+        return remapped  # <base>/compressed itself was remapped
+    return compat.resolve_topic(node, base).rstrip("/") + "/compressed"
+
+
+class Cameras:
+    """The node's cameras, in the order of the ``cameras`` parameter: one ``FrameStore`` and
+    one ``ImageIntake`` each. No names: the single camera "" on ``image``."""
+
+    def __init__(self, node, names: tuple[str, ...], transport: str, stats: Stats, logger,
+                 callback_group, param: Callable[[str], object]):
+        self.named = bool(names)
+        self.stores: dict[str, FrameStore] = {}
+        self.intakes: dict[str, ImageIntake] = {}
+        for name in names or ("",):
+            topic = image_topic(node, transport, f"{name}/image" if name else "image")
+            store = FrameStore(transport, topic, stats, logger, camera=name)
+            self.stores[name] = store
+            self.intakes[name] = ImageIntake(node, store, callback_group, param)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.stores)
+
+    def store(self, camera: str) -> FrameStore:
+        """The camera called ``camera`` ("" is the first); RequestError naming the known ones."""
+        if not camera:
+            return next(iter(self.stores.values()))
+        store = self.stores.get(camera) if self.named else None
+        if store is None:
+            known = (f"this node's cameras are: {', '.join(self.stores)}" if self.named else
+                     "this node has one camera (parameter cameras is empty): leave camera "
+                     "empty")
+            raise RequestError(f"unknown camera '{camera}'; {known}")
+        return store
+
+    def choose(self, camera: str, max_age: float) -> Frame:
+        """The frame a request about ``camera`` describes: its latest, if fresh (RequestError
+        says why not). The one place a request's camera frame is picked."""
+        return self.store(camera).choose(max_age)
+
+    def start(self) -> None:
+        for intake in self.intakes.values():
+            intake.start()
+
+    def stop(self) -> None:
+        for intake in self.intakes.values():
+            intake.stop()
+
+    def warnings(self) -> list[str]:
+        return [w for intake in self.intakes.values() for w in intake.warnings()]
 
 
 class ImageIntake:

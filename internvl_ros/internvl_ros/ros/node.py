@@ -3,9 +3,11 @@
 Run: ``internvl_node --ros-args --params-file config/internvl.yaml`` (``main.py``; docs/NODE.md
 has the rest). The parts live beside it, one concern each:
 
-- ``intake.py``: the image subscription (auto QoS) and the ``FrameStore`` (latest frame);
+- ``intake.py``: the cameras: per camera, the image subscription (auto QoS) and the
+  ``FrameStore`` (latest frame);
 - ``describe.py``: the ``~/describe`` service and action, requests and answers;
 - ``worker.py``: the thread that owns the pipeline and runs one job at a time (no rclpy);
+- ``outputs.py``: the annotated images and vision_msgs detections, drawn on their own thread;
 - ``shutdown.py``: every pending request answered once, then the model released;
 - ``compat.py``: rclpy differences between distributions and the private hooks.
 
@@ -33,8 +35,9 @@ from std_msgs.msg import String
 
 from internvl_ros.core.errors import ConfigError, InternVLError
 from internvl_ros.ros import compat, intake, params, qos
-from internvl_ros.ros.describe import Describer, timings_msg
-from internvl_ros.ros.diagnostics import Period, Stats, build_array, build_status
+from internvl_ros.ros.describe import Describer, detection_msgs, timings_msg
+from internvl_ros.ros.diagnostics import Period, Stats, Throttle, build_array, build_status
+from internvl_ros.ros.outputs import Outputs
 from internvl_ros.ros.shutdown import STOP_BUDGET_S, Release
 from internvl_ros.ros.worker import CONTINUOUS, InferenceWorker, Job, Outcome
 from internvl_ros_interfaces.msg import Caption
@@ -96,27 +99,30 @@ class InternVLNode(LifecycleNode):
         self._release: Release | None = None
         self.load_error: str | None = None  # why the last configure failed
         self.lifecycle_state = "unconfigured"
-        self._last_continuous_seq = 0
+        self._last_continuous_seq: dict[str, int] = {}  # per camera
         self._last_continuous_t = 0.0
+        self._next_camera = 0  # continuous mode: the camera to try first
+        self._warn = Throttle(5.0)
 
         # callback groups: intake never waits behind inference
         self._image_group = MutuallyExclusiveCallbackGroup()
         self._request_group = ReentrantCallbackGroup()
         self._timer_group = MutuallyExclusiveCallbackGroup()
 
-        transport = self._p("image_transport")
-        self.frames = intake.FrameStore(transport, intake.image_topic(self, transport),
-                                        self.stats, log)
-        self.intake = intake.ImageIntake(self, self.frames, self._image_group, self._p)
-        self.describer = Describer(self, self.frames, self.stats, self._pending, self._p,
+        self.cameras = intake.Cameras(self, self._p("cameras"), self._p("image_transport"),
+                                      self.stats, log, self._image_group, self._p)
+        first = self.cameras.names[0]
+        self.frames, self.intake = self.cameras.stores[first], self.cameras.intakes[first]
+        self.describer = Describer(self, self.cameras, self.stats, self._pending, self._p,
                                    self._publish_caption)
+        self.outputs = Outputs(self, self.cameras.names if self.cameras.named else [""], log)
         self._caption_pub = self._stamped_pub = None  # lifecycle publishers, from configure on
         self._continuous_timer = None
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.create_timer(1.0, self._publish_diagnostics, callback_group=self._timer_group)
 
     def _p(self, name: str):
-        return self.get_parameter(name).value
+        return params.value(self, name)
 
     def _on_set_parameters(self, changes):
         from rcl_interfaces.msg import SetParametersResult
@@ -157,17 +163,20 @@ class InternVLNode(LifecycleNode):
             self._stamped_pub = self.create_lifecycle_publisher(Caption, "~/caption_stamped", 10)
             self._continuous_timer = self.create_timer(0.1, self._continuous_tick,
                                                        callback_group=self._timer_group)
+            self.outputs.create(bool(self._p("publish_annotated")))
         self._continuous_timer.cancel()
         self.describer.create_interfaces(self._request_group)
         self._set_state("inactive")
         return super().on_configure(state)
 
     def on_activate(self, state):
-        self.intake.start()
+        self.cameras.start()
         self._continuous_timer.reset()
         self._set_state("active")
+        images = ", ".join(f"{name + ': ' if name else ''}{store.topic}"
+                           for name, store in self.cameras.stores.items())
         self.get_logger().info(
-            f"active: {self.frames.msg_type.__name__} images on {self.frames.topic}; service "
+            f"active: {self.frames.msg_type.__name__} images on {images}; service "
             f"and action {compat.resolve_topic(self, '~/describe')}; captions on "
             f"{compat.resolve_topic(self, '~/caption')}")
         return super().on_activate(state)
@@ -175,7 +184,7 @@ class InternVLNode(LifecycleNode):
     def on_deactivate(self, state):
         self._set_state("inactive")
         self._continuous_timer.cancel()
-        self.intake.stop()
+        self.cameras.stop()
         self.get_logger().info("inactive: intake and continuous mode paused; requests already "
                                "queued are still answered")
         return super().on_deactivate(state)
@@ -189,8 +198,9 @@ class InternVLNode(LifecycleNode):
         self.stop_serving()
         if self.lifecycle_state == "active":
             self._continuous_timer.cancel()
-            self.intake.stop()
+            self.cameras.stop()
         self._unload(None)
+        self.outputs.stop()
         self._set_state("finalized")
         return super().on_shutdown(state)
 
@@ -218,30 +228,47 @@ class InternVLNode(LifecycleNode):
         self.stats.set(last_ttft_s=t.ttft_s, last_tokens_per_s=t.decode_tokens_per_s)
         if job.request.source == CONTINUOUS:
             self.stats.bump("continuous_captions")
+        if outcome.malformed:
+            self.stats.bump("grounding_malformed", outcome.malformed)
+            held = self._warn("malformed")
+            if held is not None:
+                more = f" ({held} more answers since the last warning)" if held else ""
+                self.get_logger().warning(
+                    f"{outcome.malformed} grounding span(s) in an answer could not be read and "
+                    f"were ignored{more}")
         self._caption_pub.publish(String(data=outcome.text))
         stamped = Caption(prompt=job.request.prompt, text=outcome.text,
                           finish_reason=outcome.finish_reason, source=job.request.source,
-                          timings=timings_msg(t))
+                          timings=timings_msg(t), camera=outcome.camera,
+                          detections=detection_msgs(outcome.detections))
         if outcome.header is not None:
             stamped.header = outcome.header
         self._stamped_pub.publish(stamped)
+        # annotated image (handed to its thread), vision_msgs
+        self.outputs.publish(outcome, not isinstance(job.request.image, intake.RequestImage))
 
     def _continuous_tick(self) -> None:
-        """Continuous mode: caption the latest new, fresh frame when the worker is idle. The
-        chosen frame goes in the job; its sequence number (not the frame) marks it as done."""
+        """Continuous mode: caption the latest new, fresh frame when the worker is idle, each
+        camera in turn. The chosen frame goes in the job; its sequence number (not the frame)
+        marks it as done."""
         rate = float(self._p("caption_rate_hz"))
         now = time.monotonic()
         worker = self.worker
         if (rate <= 0 or now - self._last_continuous_t < 1.0 / rate or worker is None
                 or self.lifecycle_state != "active" or not worker.idle()):
             return
-        frame = self.frames.latest()
-        if frame is None or frame.error is not None or frame.seq == self._last_continuous_seq:
-            return
+        names = self.cameras.names
         max_age = float(self._p("max_frame_age")) or math.inf
-        if now - frame.arrival > max_age:
+        for k in range(len(names)):  # round robin, from the camera after the last captioned
+            i = (self._next_camera + k) % len(names)
+            frame = self.cameras.stores[names[i]].latest()
+            if (frame is not None and frame.error is None and now - frame.arrival <= max_age
+                    and frame.seq != self._last_continuous_seq.get(names[i])):
+                break
+        else:
             return
-        self._last_continuous_t, self._last_continuous_seq = now, frame.seq
+        self._next_camera = (i + 1) % len(names)
+        self._last_continuous_t, self._last_continuous_seq[names[i]] = now, frame.seq
         job = Job(self.describer.make_request(frame, CONTINUOUS), on_caption=self._publish_caption)
         worker.submit(job, int(self._p("max_queue")), only_if_idle=True)  # a request raced in
 
@@ -253,6 +280,8 @@ class InternVLNode(LifecycleNode):
         work, waiting = worker.state() if worker is not None else ("no model", 0)
         latest, age = self.frames.describe_latest()
         stats = self.stats.snapshot()
+        if self._p("publish_annotated"):
+            stats.update(self.outputs.counts())
         info = {
             "state": work,
             "lifecycle_state": self.lifecycle_state,
@@ -264,8 +293,21 @@ class InternVLNode(LifecycleNode):
             "queue_waiting": waiting,
             "latest_frame": latest,
             "latest_frame_age_s": age,
-            "warnings": self.intake.warnings() + self._period.warnings(stats),
+            "warnings": self.cameras.warnings() + self._period.warnings(stats),
         }
+        if self.cameras.named:  # per camera; the values above are the first camera's
+            info["cameras"] = ", ".join(self.cameras.names)
+            for name, store in self.cameras.stores.items():
+                latest, age = store.describe_latest()
+                info.update({
+                    f"{name}/image_topic": store.topic,
+                    f"{name}/image_reliability": qos.reliability_name(
+                        self.cameras.intakes[name].reliability),
+                    f"{name}/frames_received": store.received,
+                    f"{name}/frames_dropped": store.dropped,
+                    f"{name}/latest_frame": latest,
+                    f"{name}/latest_frame_age_s": age,
+                })
         if self.load_error:
             info["warnings"].append(f"configure failed: {self.load_error}")
         status = build_status(f"{self.get_name()}: {self.get_fully_qualified_name()}",
@@ -298,6 +340,9 @@ class InternVLNode(LifecycleNode):
 
     def destroy_node(self):
         # also called by rclpy's context cleanup on a node whose __init__ failed half way
+        outputs = getattr(self, "outputs", None)
+        if outputs is not None:
+            outputs.stop()
         describer = getattr(self, "describer", None)
         if describer is not None:
             describer.destroy()

@@ -7,16 +7,20 @@ docs/NODE.md can be checked against it. ``declare_all(node)`` declares every ent
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 BACKENDS = ("onnxruntime", "axengine")
 TRANSPORTS = ("raw", "compressed")
 RELIABILITIES = ("auto", "reliable", "best_effort")
+#: a camera name: one ROS name token, so ``<name>/image`` is a valid relative topic
+CAMERA_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 
 
 @dataclass(frozen=True)
 class Param:
-    """One parameter. ``lo``/``hi`` bound numbers; ``choices`` bound strings."""
+    """One parameter. ``lo``/``hi`` bound numbers; ``choices`` bound strings. A tuple default
+    is a string array (its items must be camera names, distinct)."""
 
     name: str
     default: object
@@ -28,6 +32,10 @@ class Param:
     choices: tuple[str, ...] = ()
 
     def __post_init__(self):
+        if isinstance(self.default, tuple):
+            if not all(isinstance(v, str) for v in self.default) or self.lo is not None:
+                raise TypeError(f"parameter {self.name}: an array default holds strings only")
+            return
         if not isinstance(self.default, (bool, int, float, str)):
             raise TypeError(f"parameter {self.name}: unsupported default {self.default!r}")
         if (self.lo is None) != (self.hi is None):
@@ -45,6 +53,15 @@ class Param:
 
     def check(self, value) -> str | None:
         """Why ``value`` is not acceptable, or None. (rclpy checks numeric ranges itself.)"""
+        if isinstance(self.default, tuple):
+            names = list(value or ())
+            bad = [n for n in names if not (isinstance(n, str) and CAMERA_NAME.fullmatch(n))]
+            if bad:
+                return (f"{self.name}: {', '.join(repr(n) for n in bad)} is not a valid name "
+                        f"(a letter, then letters, digits or _)")
+            if len(set(names)) != len(names):
+                return f"{self.name}: names must be distinct; got {names}"
+            return None
         if self.choices and value not in self.choices:
             return f"{self.name} must be one of {', '.join(self.choices)}; got '{value}'"
         if self.lo is not None and not self.lo <= value <= self.hi:
@@ -84,6 +101,10 @@ PARAMS: tuple[Param, ...] = (
     Param("image_transport", "raw", "raw subscribes to 'image' (sensor_msgs/Image); compressed "
           "to 'image/compressed' (sensor_msgs/CompressedImage, jpeg or png).", IMAGES,
           read_only=True, choices=TRANSPORTS),
+    Param("cameras", (), "Camera names, e.g. [front, rear]: one node serves several cameras, "
+          "subscribing to <name>/image (or <name>/image/compressed), each with its own latest "
+          "frame, staleness and QoS; a request picks one by name (empty: the first). Empty (the "
+          "default): one camera on 'image'.", IMAGES, read_only=True),
     Param("qos_reliability", "auto", "Image subscription reliability: auto matches the "
           "publishers on the topic (and re-checks when they change); reliable; best_effort.",
           IMAGES, read_only=True, choices=RELIABILITIES),
@@ -94,6 +115,10 @@ PARAMS: tuple[Param, ...] = (
     Param("no_frame_warn_after", 5.0, "Seconds with publishers on the image topic but no frame "
           "received before a warning about QoS/transport is logged; 0 disables it.", IMAGES,
           lo=0.0, hi=3600.0),
+    Param("publish_annotated", False, "Publish each described frame with its caption and boxes "
+          "drawn (sensor_msgs/Image bgr8, the source frame's header) on ~/annotated_image, or "
+          "~/<camera>/annotated_image per named camera. Drawn off the intake path, only while "
+          "someone subscribes.", IMAGES, read_only=True),
     # --- generation: may change at run time (apply to the next request)
     Param("default_prompt", "Describe what is in front of the robot in one sentence.",
           "Prompt used when a request's prompt is empty, and by continuous mode.", GENERATION),
@@ -139,6 +164,7 @@ def descriptor(p: Param):
     )
 
     kind = {
+        tuple: ParameterType.PARAMETER_STRING_ARRAY,
         bool: ParameterType.PARAMETER_BOOL,
         str: ParameterType.PARAMETER_STRING,
         int: ParameterType.PARAMETER_INTEGER,
@@ -152,7 +178,12 @@ def descriptor(p: Param):
     d = ParameterDescriptor(name=p.name, type=kind, description=text, read_only=p.read_only)
     if p.choices:
         d.additional_constraints = "one of: " + ", ".join(p.choices)
-    if isinstance(p.default, bool):
+    if isinstance(p.default, tuple):
+        d.additional_constraints = "distinct names: a letter, then letters, digits or _"
+        # rclpy infers an empty list's type as a byte array: typed dynamically, the default []
+        # and a string array from a params file are both accepted (check() checks the items)
+        d.dynamic_typing = True
+    elif isinstance(p.default, bool):
         d.additional_constraints = "true or false"
     elif isinstance(p.default, int):
         d.integer_range = [IntegerRange(from_value=int(p.lo), to_value=int(p.hi), step=0)]
@@ -167,7 +198,15 @@ def descriptor(p: Param):
 
 def declare_all(node) -> None:
     """Declare every parameter on ``node`` (values from --params-file override the defaults)."""
-    node.declare_parameters("", [(p.name, p.default, descriptor(p)) for p in PARAMS])
+    node.declare_parameters("", [
+        (p.name, list(p.default) if isinstance(p.default, tuple) else p.default, descriptor(p))
+        for p in PARAMS])
+
+
+def value(node, name: str):
+    """The parameter's value (a string array as a tuple)."""
+    v = node.get_parameter(name).value
+    return tuple(v or ()) if isinstance(BY_NAME[name].default, tuple) else v
 
 
 def check_values(values: dict) -> list[str]:

@@ -19,7 +19,16 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from internvl_ros.core.errors import BackendError, InternVLError
+from internvl_ros.core.grounding import (
+    GROUNDING_TOKENS,
+    Box,
+    Grounding,
+    decode_with_markup,
+    has_markup,
+    parse_grounding,
+)
 from internvl_ros.core.pipeline import Timings
+from internvl_ros.core.prompt import locate_question
 
 CONTINUOUS = "continuous"  # Request.source of continuous-mode jobs
 SHUTTING_DOWN = "the node is shutting down"
@@ -40,6 +49,12 @@ class Outcome:
     header: object = None  # std_msgs/Header of the described image
     timings: Timings = field(default_factory=Timings)  # the core's, end to end (see _run)
     refused: bool = False  # busy: never queued
+    detections: tuple[Box, ...] = ()  # grounded boxes in source pixels (text has no markup)
+    malformed: int = 0  # grounding spans that could not be read
+    camera: str = ""  # the camera the frame came from ("" for a request's own image)
+    #: the described frame (rgb), kept for the caption callback only (annotated image); the
+    #: worker drops it once the caption is published
+    image: object = field(default=None, repr=False)
 
     @classmethod
     def fail(cls, message: str, header=None, **kw) -> Outcome:
@@ -51,6 +66,8 @@ class ImageSource(Protocol):
 
     def decode(self, max_dim: int) -> tuple:
         """(rgb (h, w, 3) uint8, std_msgs/Header); raises RequestError saying why not."""
+
+    camera: str  # the camera it came from; "" for a request's own image
 
 
 @dataclass
@@ -65,6 +82,7 @@ class Request:
     max_image_dim: int = 4096
     on_delta: Callable[[str, str, int], None] | None = None  # (text so far, delta, n tokens)
     arrival: float = field(default_factory=time.monotonic)
+    locate: str = ""  # a checked phrase: the question is InternVL's grounding prompt for it
 
 
 class Job:
@@ -252,8 +270,10 @@ class InferenceWorker:
                     job.on_caption(job, outcome)
             except Exception as e:  # publishing must not fail the request
                 self._log.error(f"publishing a caption failed: {e}")
+            outcome.image = None  # the frame is not kept beyond its caption
             job.finish(outcome, claimed=True)
         else:
+            outcome.image = None
             job.finish(outcome)
 
     def _run(self, job: Job) -> Outcome:
@@ -264,7 +284,9 @@ class InferenceWorker:
             t0 = time.monotonic()
             rgb, header = req.image.decode(req.max_image_dim)
             convert_s = time.monotonic() - t0
-            gen = self.pipeline.generate(req.prompt, images=[rgb], system_prompt=req.system_prompt,
+            question = (locate_question(getattr(self.pipeline, "tokenizer", None), req.locate)
+                        if req.locate else req.prompt)
+            gen = self.pipeline.generate(question, images=[rgb], system_prompt=req.system_prompt,
                                          config=self._clamp(req.config))
             try:
                 text, n = "", 0
@@ -300,14 +322,32 @@ class InferenceWorker:
             prompt_tokens=len(res.prompt_token_ids),
         )
         cancelled = res.finish_reason == "cancelled"
+        grounding = self._ground(res, rgb)
         return Outcome(
             success=True,
             message="cancelled" if cancelled else "ok",
-            text=res.text,
+            text=grounding.text,
             finish_reason=res.finish_reason,
             header=header,
             timings=timings,
+            detections=grounding.boxes,
+            malformed=grounding.malformed,
+            camera=getattr(req.image, "camera", ""),
+            image=rgb,
         )
+
+    def _ground(self, res, rgb) -> Grounding:
+        """The answer split into text and boxes in pixels of ``rgb`` (the source frame): the
+        tags are decoded from the token ids when the tokenizer's plain decoding drops them. An
+        answer without markup is left exactly as generated."""
+        text = res.text
+        tokenizer = getattr(self.pipeline, "tokenizer", None)
+        if tokenizer is not None and has_markup(tokenizer, res.token_ids):
+            text = decode_with_markup(tokenizer, res.token_ids)
+        if not any(tag in text for tag in GROUNDING_TOKENS):
+            return Grounding(res.text, (), 0)
+        h, w = rgb.shape[:2]
+        return parse_grounding(text, w, h)
 
     def _clamp(self, config):
         """max_new_tokens within the context: a uint32 from a request must not size buffers.

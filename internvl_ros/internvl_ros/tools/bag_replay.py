@@ -68,6 +68,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--live", action="store_true",
                    help="describe the node's latest frame without pausing, instead of sending "
                         "the frame in the request and waiting")
+    p.add_argument("--camera", default="",
+                   help="with --live: the node's camera to describe (its `cameras` parameter; "
+                        "default: its first)")
     p.add_argument("--prompt", default="", help="prompt (default: the node's default_prompt)")
     p.add_argument("--max-new-tokens", type=int, default=0, help="0 = the node's setting")
     p.add_argument("--output", type=Path, help="write captions as JSON lines to this file")
@@ -207,6 +210,10 @@ class Recorder:
             stamp=t["builtin_interfaces/msg/Time"](sec=ros_msg.header.stamp.sec,
                                                    nanosec=ros_msg.header.stamp.nanosec),
             frame_id=ros_msg.header.frame_id)
+        detection_cls = t["internvl_ros_interfaces/msg/Detection"]
+        detections = [detection_cls(**{name: getattr(d, name)
+                                       for name in _msg_fields(detection_cls)})
+                      for d in ros_msg.detections]
         fields = {name: getattr(ros_msg, name) for name in _msg_fields(caption_cls)
                   if name not in ("header", "timings", "detections")}
         self._put("stamped", caption_cls(header=header, timings=timings, detections=detections,
@@ -301,11 +308,12 @@ class Replay:
                 self.out.write(json.dumps(record) + "\n")
                 self.out.flush()
         if not self.args.quiet:
+            cam = f"[{self.args.camera}] " if self.args.camera else ""
             if record["success"]:
-                print(f"[frame {record['frame_index']}, stamp {record['stamp']['sec']}."
+                print(f"{cam}[frame {record['frame_index']}, stamp {record['stamp']['sec']}."
                       f"{record['stamp']['nanosec']:09d}] {record['text']}", flush=True)
             else:
-                print(f"[frame {record['frame_index']}] failed: {record['message']}",
+                print(f"{cam}[frame {record['frame_index']}] failed: {record['message']}",
                       flush=True)
         self.progress.update(captions=n_ok)
 
@@ -375,7 +383,7 @@ class Replay:
 
     def _request(self, frame: BagFrame):
         # any frame age: a replay may pause (waiting for answers) longer than the node's limit
-        req = self.Describe.Request(prompt=self.args.prompt,
+        req = self.Describe.Request(prompt=self.args.prompt, camera=self.args.camera,
                                     max_new_tokens=self.args.max_new_tokens, max_frame_age=-1.0)
         if not self.args.live:
             if frame.kind == "compressed":
@@ -431,7 +439,9 @@ class Replay:
                     self.recorder.frame(frame)
                 published += 1
                 self.progress.update(frames=published)
-                if not self.args.continuous and (published - 1) % self.args.describe_every == 0:
+                # live: the node describes its latest frame, so ask once it has N of them
+                nth = published if self.args.live else published - 1
+                if not self.args.continuous and nth % self.args.describe_every == 0:
                     t_wall0 += self.describe(_renumber(frame, published - 1))
             if not self.args.loop or t_bag0 is None:
                 break

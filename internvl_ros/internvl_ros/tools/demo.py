@@ -2,12 +2,18 @@
 
     python -m internvl_ros.tools.demo [--model-dir DIR] [--backend onnxruntime|axengine]
                                       [--bag BAG] [--topic T] [--describe-every N]
+                                      [--two-cameras]
 
 Without --model-dir it builds the tiny random model (its captions show the pipeline working,
 not what a model understands); without --bag it writes a synthetic bag of moving shapes and text,
 raw and compressed. It starts internvl_node, runs internvl-bag-replay against it, and ends with
 a table of frames, captions, median and p95 TTFT, and tokens/s. Child processes are cleaned up
 on exit and on Ctrl-C. `make demo` maps MODEL_DIR, BACKEND, BAG and TOPIC to these options.
+
+--two-cameras (TWO_CAMERAS=1 make demo) shows one node serving two cameras: the node runs with
+config/internvl_two_cameras.yaml (cameras [front, rear], publish_annotated), the bag is replayed
+twice at once, to /demo/front/image_raw and /demo/rear/image_raw, and each replay asks about its
+own camera (`--live --camera`); the annotated frames are on /internvl/<camera>/annotated_image.
 """
 
 from __future__ import annotations
@@ -66,6 +72,13 @@ def _pump(stream, prefix: str) -> None:
         sys.stdout.flush()
 
 
+CAMERAS = ("front", "rear")  # --two-cameras (config/internvl_two_cameras.yaml)
+
+
+def camera_topic(camera: str) -> str:
+    return f"/demo/{camera}/image_raw"
+
+
 def start_node(model_dir: Path, backend: str, topic: str, compressed: bool,
                max_new_tokens: int, verbose: bool, *extra: str) -> subprocess.Popen:
     params = PACKAGE_DIR / "config" / "internvl.yaml"
@@ -110,6 +123,36 @@ def stop(proc: subprocess.Popen | None, timeout: float = 10.0) -> int | None:
         return proc.wait()
 
 
+def replay_two_cameras(args, bag: Path, topic: str, compressed: bool,
+                       node: subprocess.Popen) -> int:
+    """The bag replayed to both cameras' topics at once; each replay asks about its camera."""
+    replays = []
+    for cam in CAMERAS:
+        publish = camera_topic(cam) + ("/compressed" if compressed else "")
+        cmd = ["internvl-bag-replay", str(bag), "--topic", topic, "--publish-topic", publish,
+               "--live", "--camera", cam, "--describe-every", str(args.describe_every),
+               "--prompt", args.prompt, "--timeout", str(args.timeout)]
+        if args.output:
+            cmd += ["--output", str(args.output.with_suffix(f".{cam}.jsonl"))]
+        log(f"replaying for camera {cam}: " + " ".join(cmd))
+        replays.append(subprocess.Popen(cmd))
+    try:
+        status = max(r.wait() for r in replays)
+    finally:
+        for r in replays:
+            if r.poll() is None:
+                r.send_signal(signal.SIGINT)
+                r.wait()
+    if status != 0:
+        log(f"a replay failed with status {status}")
+        if node.poll() is not None:
+            log(f"the node exited with status {node.returncode}")
+        return status
+    log("done: each camera was described from its own topic (annotated frames on "
+        "/internvl/front/annotated_image and /internvl/rear/annotated_image)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model-dir", default=os.environ.get("MODEL_DIR") or None)
@@ -125,6 +168,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=180.0)
     p.add_argument("--output", type=Path, help="also write the captions as JSON lines here")
     p.add_argument("--verbose", action="store_true", help="show the node's log")
+    p.add_argument("--two-cameras", action="store_true",
+                   default=bool(os.environ.get("TWO_CAMERAS")),
+                   help="one node, two cameras: replay the bag to two topics at once and ask "
+                        "each camera about its own frames (env TWO_CAMERAS=1)")
     p.add_argument("--keep-running", action="store_true",
                    default=bool(os.environ.get("KEEP_RUNNING")),
                    help="afterwards, keep the node up (a continuous caption every 5 s) and loop "
@@ -153,9 +200,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(str(exc))
             return 2
 
+        extra = ["-p", "caption_rate_hz:=0.2"] if args.keep_running else []
+        if args.two_cameras:
+            extra += ["--params-file", str(PACKAGE_DIR / "config" / "internvl_two_cameras.yaml")]
+            extra += [a for cam in CAMERAS for a in ("-r", f"{cam}/image:={camera_topic(cam)}")]
         node = start_node(model_dir, args.backend, topic, compressed, args.max_new_tokens,
-                          args.verbose,
-                          *(["-p", "caption_rate_hz:=0.2"] if args.keep_running else []))
+                          args.verbose, *extra)
+        if args.two_cameras:
+            return replay_two_cameras(args, bag, topic, compressed, node)
         replay_cmd = [
             "internvl-bag-replay", str(bag), "--topic", topic,
             "--describe-every", str(args.describe_every), "--prompt", args.prompt,
