@@ -182,6 +182,11 @@ def test_describe_with_choices_service_and_action(env):
     assert not r.success and r.message.startswith("ConfigError: ") and "repeats" in r.message
     r = describe(env, prompt=DOOR, choices=[""])
     assert not r.success and "empty" in r.message
+    # found by the worker, when the choices meet the vocabulary: the same kind of message
+    r = describe(env, prompt=DOOR, choices=["a long answer that needs many tokens"],
+                 max_new_tokens=1)
+    assert not r.success and r.message.startswith("ConfigError: ")
+    assert "max_new_tokens" in r.message, r.message
     goal = wait_future(env["client"].actions[NS_RAW].send_goal_async(
         DescribeAction.Goal(prompt=DOOR, choices=["no", "yes"])))
     res = wait_future(goal.get_result_async()).result
