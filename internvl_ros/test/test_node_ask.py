@@ -7,17 +7,19 @@ the node at start-up with a clear message; the KV feed in use is logged and in /
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import threading
 import time
 
 import pytest
+from rclpy.action import ActionClient
+from rclpy.qos import QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import Image
 from test_node import (
     MAX_NEW_TOKENS,
-    NS_RAW,
     PROMPT,
-    RAW_TOPIC,
     Client,
     NodeProcess,
     _set_params,
@@ -32,11 +34,14 @@ from test_node import (
 
 from internvl_ros.export.testing import tiny_model_dirs
 from internvl_ros_interfaces.action import Describe as DescribeAction
-from internvl_ros_interfaces.msg import Question
+from internvl_ros_interfaces.msg import Caption, Question
 from internvl_ros_interfaces.srv import Ask, Describe
 
 pytestmark = pytest.mark.filterwarnings("ignore:Deprecated in favor of:DeprecationWarning")
-FQN = "/internvl"
+# own names: other test runs on this machine may share the ROS domain
+NS = f"/ask{os.getpid()}"
+FQN = f"{NS}/internvl"
+TOPIC = f"{NS}/camera/image_raw"
 DOOR = "Is there a door in front of the robot?"
 COLOUR = "What colour is the biggest box?"
 
@@ -52,9 +57,17 @@ def env(tmp_path_factory, tiny, ros_domain):
     tmp = tmp_path_factory.mktemp("ask")
     node = NodeProcess(tmp, "node_ask", write_params(
         tmp / "ask.yaml", model_dir=str(tiny), max_new_tokens=MAX_NEW_TOKENS, max_queue=2,
-        request_timeout=30.0, max_image_dim=2048, qos_depth=5), "-r", f"image:={RAW_TOPIC}")
+        request_timeout=30.0, max_image_dim=2048, qos_depth=5), "-r", f"image:={TOPIC}",
+        "-r", f"__ns:={NS}")
     client = Client(ros_domain)
     ask_cli = client.node.create_client(Ask, f"{FQN}/ask")
+    client.srv[NS] = client.node.create_client(Describe, f"{FQN}/describe")
+    client.actions[NS] = ActionClient(client.node, DescribeAction, f"{FQN}/describe")
+    client.stamped[NS] = []
+    client.node.create_subscription(Caption, f"{FQN}/caption_stamped",
+                                    lambda m: client._add(client.stamped[NS], m), 10)
+    client.raw_pub = client.node.create_publisher(  # the stream goes to this node only
+        Image, TOPIC, QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE))
     try:
         deadline = time.monotonic() + 60
         while not ask_cli.wait_for_service(timeout_sec=0.5):
@@ -83,12 +96,12 @@ def ask(env, *questions, **fields) -> Ask.Response:
 
 
 def describe(env, **fields) -> Describe.Response:
-    return env["client"].describe(NS_RAW, **fields)
+    return env["client"].describe(NS, **fields)
 
 
 def stamped_since(client, n: int) -> list:
     with client.lock:
-        return list(client.stamped[NS_RAW][n:])
+        return list(client.stamped[NS][n:])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,7 +109,7 @@ def stamped_since(client, n: int) -> list:
 
 def test_ask_answers_three_questions_about_one_frame(env):
     client = env["client"]
-    n0 = len(client.stamped[NS_RAW])
+    n0 = len(client.stamped[NS])
     r = ask(env, PROMPT, Question(prompt=DOOR, choices=["yes", "no"]), COLOUR)
     assert r.success, r.message
     assert r.message == "ok" and len(r.answers) == 3
@@ -187,7 +200,7 @@ def test_describe_with_choices_service_and_action(env):
                  max_new_tokens=1)
     assert not r.success and r.message.startswith("ConfigError: ")
     assert "max_new_tokens" in r.message, r.message
-    goal = wait_future(env["client"].actions[NS_RAW].send_goal_async(
+    goal = wait_future(env["client"].actions[NS].send_goal_async(
         DescribeAction.Goal(prompt=DOOR, choices=["no", "yes"])))
     res = wait_future(goal.get_result_async()).result
     assert res.success and res.caption in ("no", "yes")
@@ -229,7 +242,7 @@ def test_kv_feed_is_logged_and_in_diagnostics(env):
 
 def test_ask_timeout_busy_and_one_answer_each(env):
     client = env["client"]
-    n0 = len(client.stamped[NS_RAW])
+    n0 = len(client.stamped[NS])
     long = [Question(prompt=PROMPT, max_new_tokens=2000)] * 3
     assert _set_params(client, FQN, request_timeout=0.1)[0].successful
     try:
