@@ -2,31 +2,35 @@
 
 The wheels were built on a manylinux image, and their exported CMake targets name include
 directories of that machine (``/opt/python/cp311-cp311/include/python3.11`` and its numpy
-include). CMake refuses to generate a package that links those targets, because the paths do
-not exist here. This rewrites them, in the venv's ``share/*/cmake`` files only, to this
-interpreter's include directory and numpy's. It is idempotent and writes nothing outside the
-venv.
+include, for whichever CPython the wheel was built for: Kilted's come for 3.10-3.13, Jazzy's
+for 3.10-3.12). CMake refuses to generate a package that links those targets, because the paths
+do not exist here. This rewrites them, in the venv's ``share/*/cmake`` files only, to this
+interpreter's include directory and numpy's (``numpy/_core`` of numpy 2 or ``numpy/core`` of
+numpy 1). It is idempotent and writes nothing outside the venv.
 
 Usage: python scripts/repair_ros_wheels.py VENV
 """
 
 from __future__ import annotations
 
+import re
 import sys
 import sysconfig
 from pathlib import Path
 
 import numpy
 
-BUILD_PREFIX = "/opt/python/cp311-cp311"
+# the manylinux image's interpreters: /opt/python/cp311-cp311, /opt/python/cp310-cp310, ...
+BUILD_PREFIX = "/opt/python/cp3"
+_PREFIX = r"/opt/python/cp3\d+-cp3\d+t?"
+_NUMPY_INCLUDE = re.compile(_PREFIX + r"/lib/python3\.\d+t?/site-packages/numpy/_?core/include")
+_PY_INCLUDE = re.compile(_PREFIX + r"/include/python3\.\d+t?")
 
 
-def replacements() -> list[tuple[str, str]]:
-    py_include = sysconfig.get_paths()["include"]
-    np_include = numpy.get_include()
+def replacements() -> list[tuple[re.Pattern, str]]:
     return [
-        (f"{BUILD_PREFIX}/lib/python3.11/site-packages/numpy/_core/include", np_include),
-        (f"{BUILD_PREFIX}/include/python3.11", py_include),
+        (_NUMPY_INCLUDE, numpy.get_include()),
+        (_PY_INCLUDE, sysconfig.get_paths()["include"]),
     ]
 
 
@@ -40,8 +44,8 @@ def repair(venv: Path) -> int:
         if BUILD_PREFIX not in text:
             continue
         new = text
-        for old, repl in replacements():
-            new = new.replace(old, repl)
+        for pattern, repl in replacements():
+            new = pattern.sub(lambda _match, path=repl: path, new)
         if new != text:
             cmake_file.write_text(new, encoding="utf-8")
             changed += 1

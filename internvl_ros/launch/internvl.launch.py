@@ -12,7 +12,9 @@ Arguments:
   image_topic             topic remapped onto the node's "image" input (with
                           image_transport: compressed the node reads <image_topic>/compressed)
   use_large_data_profile  true: start the node with config/fastdds_large_data.xml as its Fast DDS
-                          profile (give the camera driver the same file; docs/NODE.md)
+                          profile (give the camera driver the same file; docs/NODE.md). Sets
+                          FASTRTPS_DEFAULT_PROFILES_FILE (read by Fast DDS 2.x: Humble, Jazzy)
+                          and FASTDDS_DEFAULT_PROFILES_FILE (Fast DDS 3.x: Kilted on)
   autostart               true (default): configure and activate at start-up; false: the node
                           waits, unconfigured, for lifecycle transitions (a lifecycle manager,
                           or ros2 lifecycle set /internvl configure, then activate)
@@ -29,6 +31,8 @@ from launch_ros.actions import Node
 
 PACKAGE = "internvl_ros"
 EXECUTABLE = "internvl_node"
+# the variable naming the profiles file: Fast DDS 2.x reads the first, 3.x the second
+PROFILES_FILE_VARIABLES = ("FASTRTPS_DEFAULT_PROFILES_FILE", "FASTDDS_DEFAULT_PROFILES_FILE")
 
 
 def node_action(context):
@@ -87,11 +91,14 @@ def generate_launch_description():
                 default_value="false",
                 description="Use config/fastdds_large_data.xml (large best-effort frames).",
             ),
-            SetEnvironmentVariable(
-                "FASTDDS_DEFAULT_PROFILES_FILE",
-                os.path.join(share, "config", "fastdds_large_data.xml"),
-                condition=IfCondition(LaunchConfiguration("use_large_data_profile")),
-            ),
+            *[
+                SetEnvironmentVariable(
+                    variable,
+                    os.path.join(share, "config", "fastdds_large_data.xml"),
+                    condition=IfCondition(LaunchConfiguration("use_large_data_profile")),
+                )
+                for variable in PROFILES_FILE_VARIABLES
+            ],
             OpaqueFunction(function=node_action),
         ]
     )

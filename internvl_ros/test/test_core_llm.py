@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from internvl_ros.backends import fake_axengine, get_backend
-from internvl_ros.core.errors import ModelDirError, PromptTooLongError, ShapeMismatchError
+from internvl_ros.core.errors import (
+    BackendError,
+    ModelDirError,
+    PromptTooLongError,
+    ShapeMismatchError,
+)
 from internvl_ros.core.llm import LanguageModel
 from internvl_ros.core.modeldir import load_model_dir
 from internvl_ros.export.testing import tiny_model_dirs
@@ -167,9 +172,10 @@ def test_tainted_cache_is_zeroed_before_the_next_request(axera_dir, fake_ax):
     assert not llm.cache.k[:, :, 33:].astype(np.float32).any()
     for a, b in zip(got, run_request(load(axera_dir, "axengine"), 30, 3, seed=4), strict=True):
         np.testing.assert_array_equal(a, b)
-    # non-finite logits taint the cache by themselves
+    # non-finite logits taint the cache by themselves, and fail the step (no token from them)
     llm.cache.k[:, :, :] = np.inf
-    llm.decode(5)
+    with pytest.raises(BackendError, match="non-finite logits"):
+        llm.decode(5)
     assert llm.cache.tainted
 
 

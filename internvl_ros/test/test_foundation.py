@@ -64,3 +64,22 @@ def test_service_round_trip_between_two_processes(rclpy_context):
             server.kill()
             rc = server.wait()
     assert rc == 0, server.stdout.read()
+
+
+def test_discovery_variable_is_the_one_this_distro_reads(ros_domain):
+    """Only the installed rcl's spelling is set: Jazzy's rcl warns on stderr about the deprecated
+    ROS_LOCALHOST_ONLY (and a child's first line is then that warning, not its own output)."""
+    import os
+
+    from conftest import localhost_discovery_env
+
+    expected = localhost_discovery_env()
+    for name in ("ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_LOCALHOST_ONLY"):
+        assert os.environ.get(name) == expected.get(name), name
+    child = subprocess.run(
+        [sys.executable, "-c", "import rclpy; rclpy.init(); rclpy.create_node('quiet'); "
+         "rclpy.shutdown(); print('READY')"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert child.returncode == 0, child.stderr
+    assert child.stdout == "READY\n" and child.stderr == "", child.stderr

@@ -18,6 +18,8 @@ from test_node import Client, NodeProcess, write_params
 
 from internvl_ros.export.testing import tiny_model_dirs
 
+from conftest import PROFILES_FILE_VARIABLES
+
 PROFILE = Path(__file__).resolve().parents[1] / "config" / "fastdds_large_data.xml"
 TOPIC = "/test/be_camera/image"  # not the Client's own (reliable) raw topic
 SECONDS = 3.0
@@ -51,7 +53,8 @@ CAMERA = textwrap.dedent(f"""
 def test_best_effort_large_frames_arrive_with_the_shipped_profile(tmp_path, ros_domain,
                                                                    monkeypatch):
     assert PROFILE.is_file()
-    monkeypatch.setenv("FASTDDS_DEFAULT_PROFILES_FILE", str(PROFILE))  # both subprocesses
+    for variable in PROFILES_FILE_VARIABLES:  # Fast DDS 2.x and 3.x; both subprocesses
+        monkeypatch.setenv(variable, str(PROFILE))
     params = write_params(tmp_path / "p.yaml", model_dir=str(tiny_model_dirs("a")[1]))
     node = NodeProcess(tmp_path, "node", params, "-r", f"image:={TOPIC}")
     client = Client(ros_domain)

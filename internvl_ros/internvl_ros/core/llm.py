@@ -375,6 +375,14 @@ class LanguageModel:
         logits = np.asarray(out[0], dtype=np.float32).reshape(-1)  # (vocab,)
         if not np.isfinite(logits).all():  # some K/V row may be non-finite: zero it next time
             self.cache.taint()
+            nan, posinf = int(np.isnan(logits).sum()), int(np.isposinf(logits).sum())
+            if nan or posinf or not np.isfinite(logits).any():  # -inf alone is a mask
+                raise BackendError(
+                    f"the model returned non-finite logits ({nan} NaN, {posinf} +inf of "
+                    f"{logits.size}; post model {getattr(self.post, 'path', '?')}): the backend "
+                    "computed garbage (an overflow in a low-precision build, or a faulty "
+                    "device). The KV cache is reset; if it repeats, check the model files and "
+                    "the device")
         return logits
 
     def close(self) -> None:

@@ -454,7 +454,9 @@ class Generation:
         self._choice = choice.start() if choice is not None else None
         # the ids the repetition penalty covers: generated ids (and the prompt's if asked)
         head = self.prompt_ids if config.penalize_prompt else []
-        self._history = np.empty(len(head) + config.max_new_tokens, dtype=np.int64)
+        # no more tokens than the context holds (max_new_tokens may be 2**32 - 1 from a request)
+        most = min(config.max_new_tokens, pipeline.llm.max_ctx)
+        self._history = np.empty(len(head) + most, dtype=np.int64)
         self._history[:len(head)] = head
         self._n_history = len(head)
         self._stream = pipeline.tokenizer.stream_decoder()

@@ -119,8 +119,9 @@ def build_prompt_ids(tokenizer: Tokenizer, question: str | Sequence[str | int],
     return ids
 
 
-def prompt_text(question: str | Sequence[str | int], tiles_per_image: Sequence[int] = (), video: bool = False,
-                system_prompt: str | None = None, num_image_token: int = 256) -> str:
+def prompt_text(question: str | Sequence[str | int], tiles_per_image: Sequence[int] = (),
+                video: bool = False, system_prompt: str | None = None,
+                num_image_token: int = 256) -> str:
     """The same prompt as one string (for logging and for comparing with HF tokenizers)."""
     out = []
     for seg in prompt_segments(question, tiles_per_image, video, system_prompt, num_image_token):

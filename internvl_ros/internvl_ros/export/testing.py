@@ -139,21 +139,43 @@ def hf_greedy(hf_dir, input_ids, pixel_values=None, max_new_tokens: int = 32,
     `pixel_values` is (n_tiles, 3, 448, 448) float32 (ImageNet-normalised), one tile per 256
     `<IMG_CONTEXT>` ids in the prompt. Stops only at an eos id (included as the last element)
     or after `max_new_tokens`. eos ids default to generation_config.json.
+
+    For the cached tiny models, results are kept beside the build (`refs/`), so a leg of the
+    tests without torch (the board leg, `make test-board`) reuses the references the default leg
+    computed for the same inputs.
     """
+    hf_dir = Path(hf_dir)
+    eos = list(eos_token_ids) if eos_token_ids is not None else _eos_ids(hf_dir)
+    pv = None if pixel_values is None else np.ascontiguousarray(pixel_values, dtype=np.float32)
+    if not (hf_dir.parent / _DONE_MARKER).is_file():  # not a cached build: no cache
+        return _hf_generate(hf_dir, input_ids, pv, max_new_tokens, eos)
+    key = hashlib.sha256(json.dumps([list(map(int, input_ids)), int(max_new_tokens), eos,
+                                     None if pv is None else list(pv.shape)]).encode())
+    if pv is not None:
+        key.update(pv.tobytes())
+    ref = hf_dir.resolve().parent / "refs" / f"{key.hexdigest()[:24]}.json"
+    if ref.is_file():
+        return json.loads(ref.read_text())
+    ids = _hf_generate(hf_dir, input_ids, pv, max_new_tokens, eos)
+    ref.parent.mkdir(exist_ok=True)
+    tmp = ref.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(ids))
+    os.replace(tmp, ref)
+    return ids
+
+
+def _hf_generate(hf_dir: Path, input_ids, pv, max_new_tokens: int, eos: list[int]) -> list[int]:
     import torch
     from transformers import GenerationConfig
 
-    hf_dir = Path(hf_dir)
     model = _load_hf(str(hf_dir))
-    eos = list(eos_token_ids) if eos_token_ids is not None else _eos_ids(hf_dir)
     ids = torch.tensor([list(map(int, input_ids))], dtype=torch.long)  # (1, L)
     config = GenerationConfig(
         do_sample=False, num_beams=1, max_new_tokens=int(max_new_tokens), min_new_tokens=0,
         eos_token_id=eos, pad_token_id=eos[0], repetition_penalty=1.0, use_cache=True,
     )
     kwargs = {}
-    if pixel_values is not None:
-        pv = np.ascontiguousarray(pixel_values, dtype=np.float32)
+    if pv is not None:
         kwargs["pixel_values"] = torch.from_numpy(pv)  # (n_tiles, 3, 448, 448)
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),

@@ -156,6 +156,17 @@ class NodeExecutor(MultiThreadedExecutor):
         except InvalidHandle:
             return None
 
+    def wait_for_ready_callbacks(self, *args, **kwargs):
+        """Jazzy (rclpy 7.1.6): building the wait set, a destroyed subscription's QoS event
+        handler (a waitable collected just before) raises InvalidHandle in add_to_wait_set, out
+        of spin_once, which ended the node. Nothing was started then: wait again on a new wait
+        set."""
+        while True:
+            try:
+                return super().wait_for_ready_callbacks(*args, **kwargs)
+            except InvalidHandle:
+                continue  # the failed generator is done; the next call builds a new one
+
     def collect_late_errors(self) -> list:
         """After shutdown: fetch the errors of callbacks that ended after the last spin_once.
 

@@ -276,10 +276,31 @@ def image_to_rgb(msg) -> np.ndarray:
     return cv2.cvtColor(px, code)
 
 
+def _check_png_chunks(buf: np.ndarray) -> None:
+    """Every PNG chunk up to IEND must fit in the data. OpenCV 5's PNG reader allocates a
+    chunk's declared length before reading it: a 69-byte PNG whose IDAT declared 4 GB took
+    4 GB and 9 s to refuse. O(chunks), so checked before decoding rather than on arrival."""
+    view, i = memoryview(buf), 8
+    while i + 12 <= len(view):
+        (length,) = struct.unpack_from(">I", view, i)
+        kind = bytes(view[i + 4 : i + 8])
+        if length > len(view) - i - 12:
+            raise BadFrameError(
+                "corrupt", f"PNG data ({len(view)} bytes) is corrupt: its chunk {kind!r} at "
+                f"offset {i} declares {length} bytes, past the end of the data")
+        if kind == b"IEND":
+            return
+        i += 12 + length
+    raise BadFrameError("corrupt", f"PNG data ({len(view)} bytes) is corrupt: no IEND chunk "
+                        "where its chunks lead")
+
+
 def compressed_to_rgb(msg, max_dim: int) -> np.ndarray:
     """Decode a validated CompressedImage (JPEG or PNG) to (h, w, 3) RGB uint8."""
     info = check_compressed(msg, max_dim)  # never decode a header we have not checked
     buf = np.ascontiguousarray(_as_bytes_view(msg.data))
+    if info.encoding == "png":
+        _check_png_chunks(buf)
     # 8-bit, 3 channels, also for gray/16-bit; as stored: camera drivers mean the pixels as
     # they are, and an EXIF orientation tag would rotate them away from the header's size
     bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)

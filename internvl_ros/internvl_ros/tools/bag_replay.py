@@ -142,6 +142,7 @@ class Recorder:
         share = Path(get_package_share_directory("internvl_ros_interfaces")) / "msg"
         self.store = ros2_typestore({
             "internvl_ros_interfaces/msg/Timings": share / "Timings.msg",
+            "internvl_ros_interfaces/msg/Detection": share / "Detection.msg",
             "internvl_ros_interfaces/msg/Caption": share / "Caption.msg",
         })
         self.kind = kind
@@ -195,16 +196,21 @@ class Recorder:
     def caption_stamped(self, ros_msg) -> None:
         t = self.store.types
         timings_cls = t["internvl_ros_interfaces/msg/Timings"]
+        detection_cls = t["internvl_ros_interfaces/msg/Detection"]
         caption_cls = t["internvl_ros_interfaces/msg/Caption"]
         timings = timings_cls(**{name: getattr(ros_msg.timings, name)
                                  for name in _msg_fields(timings_cls)})
+        detections = [detection_cls(**{name: getattr(d, name)
+                                       for name in _msg_fields(detection_cls)})
+                      for d in ros_msg.detections]
         header = t["std_msgs/msg/Header"](
             stamp=t["builtin_interfaces/msg/Time"](sec=ros_msg.header.stamp.sec,
                                                    nanosec=ros_msg.header.stamp.nanosec),
             frame_id=ros_msg.header.frame_id)
         fields = {name: getattr(ros_msg, name) for name in _msg_fields(caption_cls)
-                  if name not in ("header", "timings")}
-        self._put("stamped", caption_cls(header=header, timings=timings, **fields))
+                  if name not in ("header", "timings", "detections")}
+        self._put("stamped", caption_cls(header=header, timings=timings, detections=detections,
+                                         **fields))
 
     def close(self) -> None:
         self.queue.put(None)

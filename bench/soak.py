@@ -1,0 +1,619 @@
+"""Soak benchmark: internvl_node for SOAK_MIN minutes under a 30 Hz camera and mixed traffic.
+
+    source env.sh && python bench/soak.py --minutes 10 [--json PATH]      (or: make soak)
+
+A benchmark, not a test: it prints a table and writes JSON (default bench/results/soak.json).
+The node is a black box: it is started as `internvl_node` with the tiny model, and the harness
+only uses its topics, service, action and /diagnostics.
+
+- Camera at 30 Hz, alternating topics: 640x480 rgb8 on /soak/camera/image and 1280x720 JPEG on
+  /soak/camera/image/compressed (15 Hz each). A node takes one transport (a read-only
+  parameter), so two node processes run: `raw` (/internvl) and `compressed` (/cmp/internvl).
+- Continuous mode at 1 Hz on both; three service clients calling at random intervals; action
+  goals, a third of them cancelled mid-stream; every minute a few requests with bad images or
+  an oversized max_new_tokens.
+- Each request has a unique prompt, so every answer and every published caption
+  (~/caption_stamped) is matched to its request: `lost` counts requests without an answer at
+  the end, `duplicates` second answers and captions published twice for one request.
+- Every 10 s: each node's RSS, open fds, threads (from /proc), frames received and dropped
+  (from /diagnostics), and the requests sent, answered, refused and failed so far.
+
+Targets (docs/RELIABILITY.md): lost 0, duplicates 0, RSS slope < 5 MB/h, no fd/thread growth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS_DIR, ensure_import_path, write_json
+
+ensure_import_path()
+
+CAMERA = "/soak/camera/image"
+NODES = {"raw": "", "compressed": "/cmp"}  # name -> namespace
+SAMPLE_S = 10.0
+MAX_NEW_TOKENS = 24
+REQUEST_TIMEOUT = 30.0
+SERVICE_MEAN_GAP_S = 4.0  # per client (3 clients)
+ACTION_MEAN_GAP_S = 6.0
+BAD_EVERY_S = 60.0
+DRAIN_S = REQUEST_TIMEOUT + 15.0  # after the end: every request must have its answer by then
+TARGETS = {"lost": 0, "duplicates": 0, "rss_slope_mb_per_hour": 5.0, "fd_growth": 0,
+           "thread_growth": 0}
+
+
+# ---------------------------------------------------------------------------------------------
+# bookkeeping
+
+
+@dataclass
+class Req:
+    rid: int
+    kind: str  # service, action, bad
+    node: str
+    sent: float
+    cancel: bool = False
+    answers: list = field(default_factory=list)  # (t, success, message, finish_reason)
+
+
+class Ledger:
+    """Every request sent and every answer and caption received, matched by the prompt."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.reqs: dict[int, Req] = {}
+        self.captions: dict[int, int] = {}  # rid -> captions published for it
+        self.stray_captions = 0  # a request caption that matches no request
+        self.continuous_captions = 0
+        self._next = 0
+
+    def new(self, kind: str, node: str, cancel: bool = False) -> tuple[int, str]:
+        with self.lock:
+            rid = self._next
+            self._next += 1
+            self.reqs[rid] = Req(rid, kind, node, time.monotonic(), cancel)
+        return rid, f"soak#{rid}: what is in front of the robot?"
+
+    def answer(self, rid: int, success: bool, message: str, finish: str = "") -> None:
+        with self.lock:
+            self.reqs[rid].answers.append((time.monotonic(), success, message, finish))
+
+    def caption(self, msg) -> None:
+        with self.lock:
+            if msg.source == "continuous":
+                self.continuous_captions += 1
+                return
+            prompt = msg.prompt
+            if prompt.startswith("soak#"):
+                rid = int(prompt[5:].split(":", 1)[0])
+                self.captions[rid] = self.captions.get(rid, 0) + 1
+            else:
+                self.stray_captions += 1
+
+    def counts(self) -> dict:
+        with self.lock:
+            reqs = list(self.reqs.values())
+        answered = [r for r in reqs if r.answers]
+        first = [r.answers[0] for r in answered]
+        return {
+            "sent": len(reqs),
+            "answered": len(answered),
+            "ok": sum(1 for a in first if a[1]),
+            "refused": sum(1 for a in first if not a[1] and a[2].startswith("busy")),
+            "failed": sum(1 for a in first if not a[1] and not a[2].startswith("busy")),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# processes
+
+
+def proc_stats(pid: int) -> dict:
+    status = Path(f"/proc/{pid}/status").read_text()
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    return {"rss_mb": int(fields["VmRSS"].split()[0]) / 1024,
+            # anonymous memory only: what a leak grows (RSS also counts mapped files, which
+            # the kernel drops and reloads under memory pressure from other processes)
+            "rss_anon_mb": int(fields.get("RssAnon", "0 kB").split()[0]) / 1024,
+            "threads": int(fields["Threads"]),
+            "fds": len(os.listdir(f"/proc/{pid}/fd"))}
+
+
+def write_params(path: Path, model_dir: Path, **overrides) -> Path:
+    import yaml
+
+    doc = {"/**": {"ros__parameters": {
+        "model_dir": str(model_dir), "max_new_tokens": MAX_NEW_TOKENS, "max_queue": 2,
+        "request_timeout": REQUEST_TIMEOUT, "caption_rate_hz": 1.0, "max_image_dim": 2048,
+        "max_frame_age": 5.0, "qos_reliability": "reliable", "qos_depth": 2,
+        "default_prompt": "Describe what is in front of the robot in one sentence.",
+        **overrides}}}
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def start_node(tmp: Path, name: str, model_dir: Path, env: dict) -> subprocess.Popen:
+    ns = NODES[name]
+    extra = {"image_transport": "compressed"} if name == "compressed" else {}
+    params = write_params(tmp / f"{name}.yaml", model_dir, **extra)
+    exe = shutil.which("internvl_node")
+    cmd = [exe] if exe else [sys.executable, "-m", "internvl_ros.ros.node"]
+    cmd += ["--ros-args", "--params-file", str(params), "-r", f"image:={CAMERA}"]
+    if ns:
+        cmd += ["-r", f"__ns:={ns}"]
+    log = open(tmp / f"node_{name}.log", "w")  # kept open for the process
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
+
+
+# ---------------------------------------------------------------------------------------------
+# the ROS side of the harness
+
+
+def scenes(h: int, w: int, n: int = 4) -> list[np.ndarray]:
+    out = []
+    for seed in range(n):
+        rng = np.random.default_rng(seed)
+        yy, xx = np.mgrid[0:h, 0:w]
+        img = np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) * 255 // (w + h)], -1)
+        for _ in range(6):
+            x0, y0 = rng.integers(0, w - w // 6), rng.integers(0, h - h // 6)
+            img[y0 : y0 + h // 6, x0 : x0 + w // 6] = rng.integers(0, 256, 3)
+        out.append(img.astype(np.uint8))
+    return out
+
+
+class Harness:
+    def __init__(self, ledger: Ledger, seed: int):
+        import rclpy
+        from diagnostic_msgs.msg import DiagnosticArray
+        from rclpy.action import ActionClient
+        from rclpy.executors import MultiThreadedExecutor
+        from rclpy.qos import QoSProfile, ReliabilityPolicy
+        from sensor_msgs.msg import CompressedImage, Image
+
+        from internvl_ros_interfaces.action import Describe as DescribeAction
+        from internvl_ros_interfaces.msg import Caption
+        from internvl_ros_interfaces.srv import Describe
+
+        self.Describe, self.DescribeAction = Describe, DescribeAction
+        self.Image, self.CompressedImage = Image, CompressedImage
+        self.ledger = ledger
+        self.rng = random.Random(seed)
+        self.ctx = rclpy.Context()
+        rclpy.init(context=self.ctx)
+        self.executor = MultiThreadedExecutor(num_threads=6, context=self.ctx)
+        mk = lambda name: rclpy.create_node(name, context=self.ctx)  # noqa: E731
+        self.monitor = mk("soak_monitor")
+        self.camera = mk("soak_camera")
+        self.clients = [mk(f"soak_client_{i}") for i in range(3)]
+        self.actor = mk("soak_action_client")
+        for n in (self.monitor, self.camera, *self.clients, self.actor):
+            self.executor.add_node(n)
+        self.diag: dict[str, dict] = {}
+        self.diag_lock = threading.Lock()
+        self.monitor.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, 10)
+        for ns in NODES.values():
+            self.monitor.create_subscription(Caption, f"{ns}/internvl/caption_stamped",
+                                             ledger.caption, 50)
+        self.srv = {name: [c.create_client(Describe, f"{ns}/internvl/describe")
+                           for c in self.clients] for name, ns in NODES.items()}
+        self.act = {name: ActionClient(self.actor, DescribeAction, f"{ns}/internvl/describe")
+                    for name, ns in NODES.items()}
+        reliable = QoSProfile(depth=2, reliability=ReliabilityPolicy.RELIABLE)
+        self.raw_pub = self.camera.create_publisher(Image, CAMERA, reliable)
+        self.cmp_pub = self.camera.create_publisher(CompressedImage, CAMERA + "/compressed",
+                                                    reliable)
+        self.published = {"raw": 0, "compressed": 0}
+        self.stop = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self._spin = threading.Thread(target=self.executor.spin, daemon=True)
+        self._spin.start()
+
+    # --- diagnostics
+
+    def _on_diag(self, arr) -> None:
+        for st in arr.status:
+            values = {kv.key: kv.value for kv in st.values}
+            name = st.name.split(":", 1)[-1].strip()
+            with self.diag_lock:
+                self.diag[name] = values
+
+    def node_diag(self, name: str) -> dict:
+        with self.diag_lock:
+            return dict(self.diag.get(f"{NODES[name]}/internvl", {}))
+
+    def wait_ready(self, procs: dict, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        for name in NODES:
+            for cli in self.srv[name]:
+                while not cli.wait_for_service(timeout_sec=0.5):
+                    if procs[name].poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"node {name} did not come up")
+            self.act[name].wait_for_server(timeout_sec=max(1.0, deadline - time.monotonic()))
+
+    # --- camera
+
+    def _camera(self) -> None:
+        import cv2
+
+        raws, jpegs = [], []
+        for img in scenes(480, 640):
+            msg = self.Image(height=480, width=640, encoding="rgb8", step=640 * 3)
+            msg.data = array.array("B", img.tobytes())
+            msg.header.frame_id = "soak_cam"
+            raws.append(msg)
+        for img in scenes(720, 1280):
+            ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(img[..., ::-1]))
+            msg = self.CompressedImage(format="jpeg")
+            msg.data = array.array("B", buf.tobytes())
+            msg.header.frame_id = "soak_cam"
+            jpegs.append(msg)
+        period, t_next, k = 1 / 30, time.monotonic(), 0
+        while not self.stop.is_set():
+            stamp = self.camera.get_clock().now().to_msg()
+            if k % 2 == 0:
+                msg = raws[(k // 60) % len(raws)]  # a new scene every 2 s
+                msg.header.stamp = stamp
+                self.raw_pub.publish(msg)
+                self.published["raw"] += 1
+            else:
+                msg = jpegs[(k // 60) % len(jpegs)]
+                msg.header.stamp = stamp
+                self.cmp_pub.publish(msg)
+                self.published["compressed"] += 1
+            k += 1
+            t_next += period
+            delay = t_next - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            else:
+                t_next = time.monotonic()  # the machine is loaded: do not burst to catch up
+
+    # --- traffic
+
+    def _call(self, kind: str, node: str, client_idx: int, **fields) -> None:
+        rid, prompt = self.ledger.new(kind, node)
+        fields.setdefault("prompt", prompt)
+        fut = self.srv[node][client_idx].call_async(self.Describe.Request(**fields))
+
+        def done(f, rid=rid):
+            try:
+                r = f.result()
+                self.ledger.answer(rid, r.success, r.message, r.finish_reason)
+            except Exception as e:  # a failed call is an answer too
+                self.ledger.answer(rid, False, f"client error: {e}")
+
+        fut.add_done_callback(done)
+
+    def _service_client(self, idx: int) -> None:
+        while not self.stop.wait(self.rng.expovariate(1 / SERVICE_MEAN_GAP_S)):
+            node = self.rng.choice(list(NODES))
+            self._call("service", node, idx, max_frame_age=-1.0)
+
+    def _action_client(self) -> None:
+        while not self.stop.wait(self.rng.expovariate(1 / ACTION_MEAN_GAP_S)):
+            node = self.rng.choice(list(NODES))
+            cancel = self.rng.random() < 1 / 3
+            rid, prompt = self.ledger.new("action", node, cancel)
+            state = {"handle": None, "cancel_sent": False}
+            lock = threading.Lock()
+
+            def maybe_cancel(rid=rid, state=state, lock=lock, cancel=cancel):
+                with lock:
+                    if cancel and state["handle"] is not None and not state["cancel_sent"]:
+                        state["cancel_sent"] = True
+                        state["handle"].cancel_goal_async()
+
+            def feedback(_fb, maybe_cancel=maybe_cancel):
+                maybe_cancel()  # mid-stream: at the first feedback
+
+            def result_done(f, rid=rid):
+                try:
+                    res = f.result().result
+                    self.ledger.answer(rid, res.success, res.message, res.finish_reason)
+                except Exception as e:  # a failed call is an answer too
+                    self.ledger.answer(rid, False, f"client error: {e}")
+
+            def goal_done(f, rid=rid, state=state, lock=lock, result_done=result_done):
+                try:
+                    handle = f.result()
+                except Exception as e:  # a failed call is an answer too
+                    self.ledger.answer(rid, False, f"client error: {e}")
+                    return
+                if not handle.accepted:
+                    self.ledger.answer(rid, False, "busy: goal rejected")
+                    return
+                with lock:
+                    state["handle"] = handle
+                handle.get_result_async().add_done_callback(result_done)
+
+            goal = self.DescribeAction.Goal(prompt=prompt, max_frame_age=-1.0,
+                                            max_new_tokens=MAX_NEW_TOKENS * 2)
+            self.act[node].send_goal_async(goal, feedback_callback=feedback) \
+                .add_done_callback(goal_done)
+
+    def _bad_requests(self) -> None:
+        """Every minute: bad images in both fields, and an oversized max_new_tokens."""
+        bad_raw = self.Image(height=480, width=640, encoding="rgb8", step=100)  # step too small
+        bad_raw.data = array.array("B", bytes(480 * 100))
+        odd = self.Image(height=4, width=4, encoding="32FC1", step=16)  # unsupported
+        odd.data = array.array("B", bytes(64))
+        corrupt = self.CompressedImage(format="jpeg")
+        corrupt.data = array.array("B", b"\xff\xd8\xff\xe0" + bytes(500) + b"\xff\xd9")
+        truncated = self.CompressedImage(format="png")
+        truncated.data = array.array("B", b"\x89PNG\r\n\x1a\n" + bytes(40))
+        while not self.stop.wait(BAD_EVERY_S):
+            node = self.rng.choice(list(NODES))
+            for fields in ({"image": bad_raw}, {"image": odd}, {"compressed_image": corrupt},
+                           {"compressed_image": truncated},
+                           {"max_new_tokens": 2**32 - 1, "max_frame_age": -1.0}):
+                self._call("bad", node, self.rng.randrange(3), **fields)
+
+    def start_traffic(self) -> None:
+        targets = [self._camera, self._action_client, self._bad_requests]
+        targets += [lambda i=i: self._service_client(i) for i in range(3)]
+        for t in targets:
+            th = threading.Thread(target=t, daemon=True)
+            th.start()
+            self.threads.append(th)
+
+    def start_camera_only(self) -> None:
+        th = threading.Thread(target=self._camera, daemon=True)
+        th.start()
+        self.threads.append(th)
+
+    def stop_traffic(self) -> None:
+        self.stop.set()
+        for th in self.threads:
+            th.join(timeout=5)
+
+    def close(self) -> None:
+        import rclpy
+
+        self.executor.shutdown(timeout_sec=2.0)
+        rclpy.try_shutdown(context=self.ctx)
+
+
+# ---------------------------------------------------------------------------------------------
+# figures
+
+
+def slope_per_hour(ts: list[float], ys: list[float]) -> float:
+    """Least-squares slope of ys over ts (seconds), per hour."""
+    if len(ts) < 3:
+        return float("nan")
+    return float(np.polyfit(np.asarray(ts), np.asarray(ys), 1)[0] * 3600.0)
+
+
+def percentile(xs: list[float], q: float) -> float:
+    return float(np.percentile(xs, q)) if xs else float("nan")
+
+
+def summarise(samples: list[dict], ledger: Ledger, duration: float, warmup: float,
+              load: dict, harness_published: dict) -> dict:
+    with ledger.lock:
+        reqs = list(ledger.reqs.values())
+        captions = dict(ledger.captions)
+        stray, continuous = ledger.stray_captions, ledger.continuous_captions
+    lost = [r for r in reqs if not r.answers]
+    dup_answers = sum(len(r.answers) - 1 for r in reqs if len(r.answers) > 1)
+    dup_captions = sum(n - 1 for n in captions.values() if n > 1)
+    captions_for_failed = sum(1 for r in reqs if r.answers and not r.answers[0][1]
+                              and captions.get(r.rid))
+    ok = [r for r in reqs if r.answers and r.answers[0][1]]
+    missing_captions = sum(1 for r in ok if r.answers[0][3] != "cancelled"
+                           and not captions.get(r.rid))
+    lat_ok = [r.answers[0][0] - r.sent for r in ok]
+    lat_all = [r.answers[0][0] - r.sent for r in reqs if r.answers]
+    counts = ledger.counts()
+    after = [s for s in samples if s["t"] >= warmup] or samples
+    nodes = {}
+    for name in NODES:
+        ts = [s["t"] for s in after]
+        rss = [s["nodes"][name]["rss_mb"] for s in after]
+        nodes[name] = {
+            "rss_start_mb": samples[0]["nodes"][name]["rss_mb"],
+            "rss_end_mb": samples[-1]["nodes"][name]["rss_mb"],
+            "rss_slope_mb_per_hour": slope_per_hour(ts, rss),
+            "rss_anon_slope_mb_per_hour": slope_per_hour(
+                ts, [s["nodes"][name]["rss_anon_mb"] for s in after]),
+            "fd_growth": after[-1]["nodes"][name]["fds"] - after[0]["nodes"][name]["fds"],
+            "thread_growth": (after[-1]["nodes"][name]["threads"]
+                              - after[0]["nodes"][name]["threads"]),
+            "frames_published": harness_published[name],
+            "frames_received": samples[-1]["nodes"][name].get("frames_received"),
+            "frames_dropped": samples[-1]["nodes"][name].get("frames_dropped"),
+        }
+    cancelled = [r for r in reqs if r.kind == "action" and r.cancel]
+    return {
+        "duration_s": round(duration, 1),
+        "requests_sent": counts["sent"],
+        "answers_received": sum(len(r.answers) for r in reqs),
+        "lost": len(lost),
+        "duplicates": dup_answers + dup_captions,
+        # both node processes: the sum of their RSS; the slope (fitted after the warm-up) of
+        # the node whose RSS grows fastest, so that one node's fall cannot hide the other's rise
+        "rss_start_mb": round(sum(n["rss_start_mb"] for n in nodes.values()), 1),
+        "rss_end_mb": round(sum(n["rss_end_mb"] for n in nodes.values()), 1),
+        "rss_slope_mb_per_hour": round(max(n["rss_slope_mb_per_hour"] for n in nodes.values()),
+                                       2),
+        "rss_anon_slope_mb_per_hour": round(max(n["rss_anon_slope_mb_per_hour"]
+                                                for n in nodes.values()), 2),
+        "rss_slope_sum_mb_per_hour": round(slope_per_hour(
+            [s["t"] for s in after],
+            [sum(s["nodes"][n]["rss_mb"] for n in NODES) for s in after]), 2),
+        "fd_growth": sum(n["fd_growth"] for n in nodes.values()),  # after the warm-up
+        "thread_growth": sum(n["thread_growth"] for n in nodes.values()),
+        "p50_latency_s": round(percentile(lat_ok, 50), 3),
+        "p95_latency_s": round(percentile(lat_ok, 95), 3),
+        "p99_latency_s": round(percentile(lat_ok, 99), 3),
+        "p99_latency_all_answers_s": round(percentile(lat_all, 99), 3),
+        "answered_ok": counts["ok"],
+        "refused": counts["refused"],
+        "failed": counts["failed"],
+        "by_kind": {k: sum(1 for r in reqs if r.kind == k) for k in ("service", "action", "bad")},
+        "actions_cancel_requested": len(cancelled),
+        "actions_cancelled": sum(1 for r in cancelled if r.answers
+                                 and r.answers[0][3] == "cancelled"),
+        "bad_answered_ok": sum(1 for r in reqs if r.kind == "bad" and r.answers
+                               and r.answers[0][1]),
+        "captions_missing": missing_captions,
+        "captions_for_failed_requests": captions_for_failed,
+        "captions_unmatched": stray,
+        "continuous_captions": continuous,
+        "lost_requests": [{"kind": r.kind, "node": r.node, "sent_s": round(r.sent, 1)}
+                          for r in lost[:20]],
+        "warmup_s": warmup,
+        "nodes": nodes,
+        "load": load,
+        "samples": samples,
+    }
+
+
+def table(res: dict) -> str:
+    rows = [("duration_s", res["duration_s"], ""), ("requests_sent", res["requests_sent"], ""),
+            ("answers_received", res["answers_received"], ""),
+            ("answered ok / refused / failed",
+             f"{res['answered_ok']} / {res['refused']} / {res['failed']}", ""),
+            ("lost", res["lost"], "0"), ("duplicates", res["duplicates"], "0"),
+            ("rss_start_mb (both nodes)", res["rss_start_mb"], ""),
+            ("rss_end_mb (both nodes)", res["rss_end_mb"], ""),
+            ("rss_slope_mb_per_hour (fastest-growing node)", res["rss_slope_mb_per_hour"],
+             "< 5"),
+            ("rss_anon_slope_mb_per_hour (anonymous memory only)",
+             res["rss_anon_slope_mb_per_hour"], ""),
+            ("fd_growth", res["fd_growth"], "0"), ("thread_growth", res["thread_growth"], "0"),
+            ("p50 / p95 / p99 answer latency (s)",
+             f"{res['p50_latency_s']} / {res['p95_latency_s']} / {res['p99_latency_s']}", ""),
+            ("action goals cancelled / asked", f"{res['actions_cancelled']} / "
+             f"{res['actions_cancel_requested']}", ""),
+            ("captions missing / for failed / unmatched", f"{res['captions_missing']} / "
+             f"{res['captions_for_failed_requests']} / {res['captions_unmatched']}", "0 / 0 / 0"),
+            ("load average start -> end", f"{res['load']['start']} -> {res['load']['end']}", "")]
+    for name, n in res["nodes"].items():
+        rows.append((f"{name}: frames published / received / dropped",
+                     f"{n['frames_published']} / {n['frames_received']} / {n['frames_dropped']}",
+                     ""))
+        rows.append((f"{name}: RSS MB start -> end (slope/h), fd, thread growth",
+                     f"{n['rss_start_mb']:.1f} -> {n['rss_end_mb']:.1f} "
+                     f"({n['rss_slope_mb_per_hour']:.2f}), {n['fd_growth']}, "
+                     f"{n['thread_growth']}", ""))
+    out = ["| figure | value | target |", "|---|---|---|"]
+    out += [f"| {k} | {v} | {t} |" for k, v, t in rows]
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--minutes", type=float, default=float(os.environ.get("SOAK_MIN", 10)))
+    ap.add_argument("--json", default=os.environ.get("SOAK_JSON") or str(RESULTS_DIR /
+                                                                          "soak.json"))
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    duration = args.minutes * 60.0
+    warmup = min(300.0, 0.3 * duration)  # allocator arenas and the executor's pool settle
+
+    from internvl_ros.export.testing import tiny_model_dirs
+
+    model_dir = tiny_model_dirs("a")[1]
+    domain = 1 + (os.getpid() * 13) % 101
+    os.environ.update(ROS_DOMAIN_ID=str(domain), ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
+                      ROS_LOCALHOST_ONLY="1", RCUTILS_LOGGING_BUFFERED_STREAM="0",
+                      PYTHONUNBUFFERED="1")
+    os.environ.pop("FASTDDS_DEFAULT_PROFILES_FILE", None)
+    tmp = Path(tempfile.mkdtemp(prefix="soak-"))
+    print(f"soak: {args.minutes:g} min, ROS domain {domain}, logs in {tmp}", flush=True)
+    procs = {name: start_node(tmp, name, model_dir, dict(os.environ)) for name in NODES}
+    ledger = Ledger()
+    harness = None
+    samples: list[dict] = []
+    load = {"start": [round(x, 2) for x in os.getloadavg()]}
+    try:
+        harness = Harness(ledger, args.seed)
+        harness.wait_ready(procs)
+        harness.start_traffic()
+        t0 = time.monotonic()
+        next_sample = t0
+        while True:
+            now = time.monotonic()
+            if now >= next_sample:
+                s = {"t": round(now - t0, 1), "load1": round(os.getloadavg()[0], 2),
+                     "requests": ledger.counts(), "nodes": {}}
+                for name, p in procs.items():
+                    if p.poll() is not None:
+                        raise RuntimeError(f"node {name} exited with {p.returncode}; see "
+                                           f"{tmp}/node_{name}.log")
+                    d = harness.node_diag(name)
+                    s["nodes"][name] = {**proc_stats(p.pid),
+                                        "frames_received": int(d.get("frames_received", 0)),
+                                        "frames_dropped": int(d.get("frames_dropped", 0))}
+                samples.append(s)
+                r = s["requests"]
+                print(f"t={s['t']:6.0f}s load={s['load1']:5.2f} sent={r['sent']} "
+                      f"answered={r['answered']} ok={r['ok']} refused={r['refused']} "
+                      f"failed={r['failed']} " + " ".join(
+                          f"{n}: rss={v['rss_mb']:.1f}MB fds={v['fds']} thr={v['threads']} "
+                          f"frames={v['frames_received']}/-{v['frames_dropped']}"
+                          for n, v in s["nodes"].items()), flush=True)
+                next_sample += SAMPLE_S
+            if now - t0 >= duration:
+                break
+            time.sleep(min(1.0, max(0.0, next_sample - time.monotonic())))
+        elapsed = time.monotonic() - t0
+        harness.stop_traffic()
+        deadline = time.monotonic() + DRAIN_S  # answers still on their way
+        while time.monotonic() < deadline and any(
+                not r.answers for r in list(ledger.reqs.values())):
+            time.sleep(0.5)
+        time.sleep(2.0)  # late duplicates, the last captions
+        load["end"] = [round(x, 2) for x in os.getloadavg()]
+        res = summarise(samples, ledger, elapsed, warmup, load, {
+            "raw": harness.published["raw"], "compressed": harness.published["compressed"]})
+        res["command"] = f"make soak SOAK_MIN={args.minutes:g}"
+        res["cpus"] = os.cpu_count()
+        res["logs"] = str(tmp)
+    finally:
+        if harness is not None:
+            harness.stop_traffic()
+        for p in procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in procs.values():
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        if harness is not None:
+            harness.close()
+    res["exit_codes"] = {name: p.returncode for name, p in procs.items()}
+    write_json(args.json, res)
+    print(table(res))
+    print(f"JSON: {args.json}")
+    met = (res["lost"] == 0 and res["duplicates"] == 0
+           and res["rss_slope_mb_per_hour"] < TARGETS["rss_slope_mb_per_hour"]
+           and res["fd_growth"] <= 0 and res["thread_growth"] <= 0)
+    print("targets met" if met else "targets NOT met", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
