@@ -287,17 +287,28 @@ def test_ask_while_inactive_answers_inactive(env):
 
 
 def test_sigterm_answers_a_running_ask(env):
-    """Last: stops the module's node. A running Ask and a waiting one each get one answer."""
-    long = [Question(prompt=PROMPT, max_new_tokens=2000)] * 3
-    futs = [env["ask"].call_async(Ask.Request(questions=long, max_frame_age=-1.0))
-            for _ in range(2)]
-    wait_for(lambda: env["client"].diagnostics(FQN).get("state") == "generating", 10,
-             "the Ask to run")
+    """Last: stops the module's node. A running Ask and the waiting ones each get one answer."""
+    long = Ask.Request(questions=[Question(prompt=PROMPT, max_new_tokens=2000)] * 3,
+                       max_frame_age=-1.0)
+    futs = [env["ask"].call_async(long) for _ in range(3)]
+    # a busy refusal proves that one Ask runs and two wait at the node; a probe that is not
+    # refused has been queued instead, and must be answered like the others
+    while True:
+        probe = env["ask"].call_async(long)
+        done = threading.Event()
+        probe.add_done_callback(lambda _, done=done: done.set())
+        if done.wait(0.5):
+            assert "busy: 1 generation running and 2 request(s) waiting" in \
+                probe.result().message, probe.result().message
+            break
+        futs.append(probe)
     assert env["node"].stop(signal.SIGTERM) == 0
     answers = [wait_future(f, timeout=5) for f in futs]
-    for a in answers:
-        assert a.message in ("ok", "the node is shutting down"), a.message
-    assert any(a.message == "the node is shutting down" for a in answers)
+    finished = [a for a in answers if a.message == "ok"]
+    assert len(finished) <= 1 and all(len(a.answers) == 3 for a in finished)
+    shut = [a for a in answers if a.message == "the node is shutting down"]
+    assert len(shut) == len(answers) - len(finished) and all(not a.answers for a in shut), \
+        [a.message for a in answers]
     assert "Traceback" not in env["node"].log()
 
 
