@@ -47,6 +47,7 @@ class Result:
     prompt_token_ids: list = field(default_factory=lambda: [1, 2, 3])
     finish_reason: str = "length"
     timings: Timings = field(default_factory=lambda: Timings(vit_s=0.001, decode_s=0.001))
+    choice_index: int = -1
 
 
 class ScriptedGeneration:
@@ -90,9 +91,11 @@ class ScriptedPipeline:
         self.inside = threading.Event()
         self.closed = False
         self.images = []
+        self.frame_keys = []
 
-    def generate(self, prompt, images=(), system_prompt=None, config=None):
+    def generate(self, prompt, images=(), system_prompt=None, config=None, frame_key=None):
         self.images.append(images[0])
+        self.frame_keys.append(frame_key)
         self.inside.set()
         if self.block is not None:
             self.block.wait(30)

@@ -46,6 +46,7 @@ _TIMINGS_MSG_FIELDS = {
     "prompt_tokens": "prompt_tokens",
     "generated_tokens": "generated_tokens",
     "tokens_per_second": "decode_tokens_per_s",
+    "cached_prompt_tokens": "cached_prompt_tokens",
 }
 
 
@@ -78,6 +79,7 @@ def fill(dst, outcome: Outcome):
     dst.caption = outcome.text
     dst.message = outcome.message
     dst.finish_reason = outcome.finish_reason
+    dst.choice_index = outcome.choice_index
     if outcome.header is not None:
         dst.image_header = outcome.header
     dst.timings = timings_msg(outcome.timings)
@@ -137,7 +139,8 @@ class Describer:
     # ------------------------------------------------------------------------------------------
     # requests
 
-    def generation_config(self, max_new_tokens: int) -> GenerationConfig:
+    def generation_config(self, max_new_tokens: int, choices=()) -> GenerationConfig:
+        """Raises the core's ConfigError for bad ``choices``."""
         seed = int(self._p("seed"))
         return GenerationConfig(
             # a request's uint32 is clamped to the parameter's range (the worker clamps it to
@@ -148,12 +151,15 @@ class Describer:
             top_p=float(self._p("top_p")),
             repetition_penalty=float(self._p("repetition_penalty")),
             seed=None if seed < 0 else seed,
+            choices=tuple(choices),
         )
 
     def make_request(self, image, source: str, prompt: str = "", system_prompt: str = "",
-                     max_new_tokens: int = 0, on_delta=None, locate: str = "") -> Request:
-        """A request with the node's defaults applied; with ``locate`` (a phrase), the question
-        is InternVL's grounding prompt for it (``prompt`` shows it as text)."""
+                     max_new_tokens: int = 0, on_delta=None, locate: str = "",
+                     choices=()) -> Request:
+        """A request with the node's defaults applied (ConfigError for bad choices); with
+        ``locate`` (a phrase), the question is InternVL's grounding prompt for it (``prompt``
+        shows it as text)."""
         if locate:
             try:
                 locate = check_phrase(locate)
@@ -164,16 +170,19 @@ class Describer:
             locate=locate,
             prompt=prompt.strip() or self._p("default_prompt"),
             system_prompt=system_prompt or self._p("system_prompt") or None,
-            config=self.generation_config(max_new_tokens or int(self._p("max_new_tokens"))),
+            config=self.generation_config(max_new_tokens or int(self._p("max_new_tokens")),
+                                          choices),
             image=image,
             source=source,
             max_image_dim=int(self._p("max_image_dim")),
             on_delta=on_delta,
+            frame_key=getattr(image, "key", None),  # a received frame's; None for the request's
         )
 
     def _build_request(self, req, source: str, on_delta=None) -> Request:
         return self.make_request(self.choose_image(req), source, req.prompt, req.system_prompt,
-                                 int(req.max_new_tokens), on_delta, req.locate)
+                                 int(req.max_new_tokens), on_delta, req.locate,
+                                 req.choices)
 
     def choose_image(self, req):
         """The image a request (Describe, Ask: ``camera``, ``max_frame_age``, ``image``,
@@ -208,20 +217,24 @@ class Describer:
         return None
 
     def serve(self, req, source: str, on_delta=None, cancel_requested=None,
-              max_s: float | None = None) -> Outcome:
+              max_s: float | None = None, build=None, on_caption=None) -> Outcome:
         """Queue one request and wait for its single outcome (busy, timeout, result...).
 
         ``max_s`` bounds the request below ``request_timeout`` (action goals on Humble).
+        ``build(req, source, on_delta)`` makes the worker's Request (default: a Describe's)
+        and ``on_caption`` publishes its outcome (default: the node's caption publisher).
         """
         worker = self.worker  # cleanup may clear it meanwhile: this request keeps its own
         refused = self.refusal(worker)
         if refused is not None:
             return self._count(refused)
         try:
-            request = self._build_request(req, source, on_delta)
+            request = (build or self._build_request)(req, source, on_delta)
         except RequestError as e:
             return self._count(Outcome.fail(str(e)))
-        job = Job(request, on_caption=self._on_caption)
+        except ConfigError as e:  # bad choices
+            return self._count(Outcome.fail(f"{type(e).__name__}: {e}"))
+        job = Job(request, on_caption=on_caption or self._on_caption)
         refused = worker.submit(job, int(self._p("max_queue")))
         if refused is not None:
             return self._count(refused)

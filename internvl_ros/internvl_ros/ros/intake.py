@@ -50,6 +50,14 @@ class Frame:
         self._on_bad = on_bad
 
     @property
+    def key(self) -> tuple:
+        """The frame's identity, (topic, header stamp, arrival): the pipeline's frame cache
+        lets a later request on this frame skip the ViT."""
+        view = self._view
+        stamp = None if view is None else (view.header.stamp.sec, view.header.stamp.nanosec)
+        return (self.where, stamp, self.arrival)
+
+    @property
     def kept_serialized(self) -> bool:
         return isinstance(self._view, (cdr.ImageView, cdr.CompressedImageView))
 

@@ -6,6 +6,7 @@ has the rest). The parts live beside it, one concern each:
 - ``intake.py``: the cameras: per camera, the image subscription (auto QoS) and the
   ``FrameStore`` (latest frame);
 - ``describe.py``: the ``~/describe`` service and action, requests and answers;
+- ``ask.py``: the ``~/ask`` service (several questions about one frame, one job);
 - ``worker.py``: the thread that owns the pipeline and runs one job at a time (no rclpy);
 - ``outputs.py``: the annotated images and vision_msgs detections, drawn on their own thread;
 - ``shutdown.py``: every pending request answered once, then the model released;
@@ -35,6 +36,7 @@ from std_msgs.msg import String
 
 from internvl_ros.core.errors import ConfigError, InternVLError
 from internvl_ros.ros import compat, intake, params, qos
+from internvl_ros.ros.ask import AskService
 from internvl_ros.ros.describe import Describer, detection_msgs, timings_msg
 from internvl_ros.ros.diagnostics import Period, Stats, Throttle, build_array, build_status
 from internvl_ros.ros.outputs import Outputs
@@ -51,7 +53,8 @@ class ModelLoadError(Exception):
     """The model could not be loaded; the message names the file and what to do."""
 
 
-def load_pipeline(model_dir: str, backend: str, provider: str, num_threads: int, max_tiles: int):
+def load_pipeline(model_dir: str, backend: str, provider: str, num_threads: int, max_tiles: int,
+                  kv_feed: str = "auto", device_id: int = -1, frame_cache_mb: int = 64):
     """Pipeline.from_model_dir, with errors turned into one actionable ModelLoadError."""
     if not model_dir:
         raise ModelLoadError(
@@ -67,6 +70,9 @@ def load_pipeline(model_dir: str, backend: str, provider: str, num_threads: int,
             provider=provider or None,
             num_threads=num_threads or None,
             max_tiles=max_tiles,
+            kv_feed=kv_feed,
+            device_id=None if device_id < 0 else device_id,
+            frame_cache_bytes=frame_cache_mb << 20,
         )
     except InternVLError as e:  # the core's messages name the file and the fix
         raise ModelLoadError(f"cannot load the model from model_dir '{model_dir}': {e}") from e
@@ -75,6 +81,21 @@ def load_pipeline(model_dir: str, backend: str, provider: str, num_threads: int,
             f"cannot load the model from model_dir '{model_dir}' with backend '{backend}': "
             f"{type(e).__name__}: {e}"
         ) from e
+
+
+def pipeline_info(pipeline) -> dict:
+    """Diagnostics values of the loaded pipeline: the KV feed in use and why, the frame cache."""
+    out = {}
+    status = getattr(pipeline, "kv_feed", None)
+    if status is not None:
+        d = status.to_dict()
+        out.update(kv_feed=d["mode"], kv_feed_requested=d["requested"],
+                   kv_feed_reason=d["reason"], kv_feed_verified_steps=d["verified_steps"])
+    cache = getattr(pipeline, "frames", None)
+    if cache is not None:
+        out.update(frame_cache_frames=len(cache), frame_cache_mb=cache.nbytes / (1 << 20),
+                   frame_cache_hits=cache.hits)
+    return out
 
 
 class InternVLNode(LifecycleNode):
@@ -116,6 +137,8 @@ class InternVLNode(LifecycleNode):
         self.describer = Describer(self, self.cameras, self.stats, self._pending, self._p,
                                    self._publish_caption)
         self.outputs = Outputs(self, self.cameras.names if self.cameras.named else [""], log)
+        self.asker = AskService(self, self.describer, self._pending, self._p,
+                                self._publish_caption)
         self._caption_pub = self._stamped_pub = None  # lifecycle publishers, from configure on
         self._continuous_timer = None
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
@@ -142,7 +165,9 @@ class InternVLNode(LifecycleNode):
         t0 = time.monotonic()
         try:
             pipeline = self._loader(model_dir, backend, self._p("provider"),
-                                    self._p("num_threads"), self._p("max_tiles"))
+                                    self._p("num_threads"), self._p("max_tiles"),
+                                    self._p("kv_feed"), self._p("device_id"),
+                                    self._p("frame_cache_mb"))
         except Exception as e:  # ModelLoadError names the file and the fix; anything else is a bug
             why = str(e) if isinstance(e, ModelLoadError) else f"{type(e).__name__}: {e}"
             self.load_error = why
@@ -158,6 +183,9 @@ class InternVLNode(LifecycleNode):
         self._release = Release(self.worker, log)
         self.describer.worker = self.worker
         log.info(f"model loaded from {model_dir} ({backend}) in {time.monotonic() - t0:.1f} s")
+        kv_feed = getattr(pipeline, "kv_feed", None)
+        if kv_feed is not None:  # the core logs it on Python logging, which may not reach ROS
+            log.info(f"kv_feed: {kv_feed}")
         if self._caption_pub is None:
             self._caption_pub = self.create_lifecycle_publisher(String, "~/caption", 10)
             self._stamped_pub = self.create_lifecycle_publisher(Caption, "~/caption_stamped", 10)
@@ -166,6 +194,7 @@ class InternVLNode(LifecycleNode):
             self.outputs.create(bool(self._p("publish_annotated")))
         self._continuous_timer.cancel()
         self.describer.create_interfaces(self._request_group)
+        self.asker.create_interface(self._request_group)
         self._set_state("inactive")
         return super().on_configure(state)
 
@@ -293,6 +322,7 @@ class InternVLNode(LifecycleNode):
             "queue_waiting": waiting,
             "latest_frame": latest,
             "latest_frame_age_s": age,
+            **pipeline_info(self.pipeline),
             "warnings": self.cameras.warnings() + self._period.warnings(stats),
         }
         if self.cameras.named:  # per camera; the values above are the first camera's

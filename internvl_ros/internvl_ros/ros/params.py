@@ -15,6 +15,7 @@ TRANSPORTS = ("raw", "compressed")
 RELIABILITIES = ("auto", "reliable", "best_effort")
 #: a camera name: one ROS name token, so ``<name>/image`` is a valid relative topic
 CAMERA_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+KV_FEEDS = ("auto", "full", "rows")  # core.KV_FEED_MODES (not imported: this table is plain data)
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,16 @@ PARAMS: tuple[Param, ...] = (
     Param("max_tiles", 1, "Most 448x448 tiles per image (InternVL dynamic tiling, plus a "
           "thumbnail when > 1); each tile costs 256 prompt tokens and one ViT run.", MODEL,
           read_only=True, lo=1, hi=12),
+    Param("kv_feed", "auto", "How the NPU layers get the KV cache (axengine): rows writes only "
+          "the new rows into pyaxengine's input buffers, self-checked against full; full copies "
+          "the whole cache every token; auto uses rows where it works. /diagnostics shows the "
+          "mode in use and why.", MODEL, read_only=True, choices=KV_FEEDS),
+    Param("device_id", -1, "Axera M.2 card (AXCLRTExecutionProvider) to run on; -1 uses the "
+          "default device (the board's NPU, or the first card).", MODEL, read_only=True, lo=-1,
+          hi=255),
+    Param("frame_cache_mb", 64, "Memory (MiB) for the vision embeddings of recent frames, so a "
+          "later request on a frame already encoded skips the ViT (1 MiB per tile for "
+          "InternVL3.5-1B); 0 turns it off.", MODEL, read_only=True, lo=0, hi=4096),
     # --- image intake: read at start-up only
     Param("image_transport", "raw", "raw subscribes to 'image' (sensor_msgs/Image); compressed "
           "to 'image/compressed' (sensor_msgs/CompressedImage, jpeg or png).", IMAGES,

@@ -55,6 +55,7 @@ class Outcome:
     #: the described frame (rgb), kept for the caption callback only (annotated image); the
     #: worker drops it once the caption is published
     image: object = field(default=None, repr=False)
+    choice_index: int = -1  # with choices: the index of the chosen one
 
     @classmethod
     def fail(cls, message: str, header=None, **kw) -> Outcome:
@@ -83,6 +84,34 @@ class Request:
     on_delta: Callable[[str, str, int], None] | None = None  # (text so far, delta, n tokens)
     arrival: float = field(default_factory=time.monotonic)
     locate: str = ""  # a checked phrase: the question is InternVL's grounding prompt for it
+    frame_key: object = None  # a received frame's identity (the pipeline's frame cache), or None
+    # another kind of job than one caption (ros/ask.py): (pipeline, job, rgb, header, convert_s,
+    # logger) -> Outcome, run by the worker on the decoded image
+    run: Callable[..., Outcome] | None = None
+
+
+class CancelFlag(threading.Event):
+    """A job's cancel flag: an Event whose ``set()`` also calls the ``on_set`` callbacks (a job
+    that blocks in the model between tokens, like an Ask, stops through one)."""
+
+    def __init__(self):
+        super().__init__()
+        self._callbacks: list[Callable[[], None]] = []
+        self._callbacks_lock = threading.Lock()
+
+    def on_set(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` when the flag is set (now, if it is set already)."""
+        with self._callbacks_lock:
+            self._callbacks.append(callback)
+        if self.is_set():
+            callback()
+
+    def set(self) -> None:
+        super().set()
+        with self._callbacks_lock:
+            callbacks = list(self._callbacks)
+        for callback in callbacks:
+            callback()
 
 
 class Job:
@@ -95,7 +124,7 @@ class Job:
     def __init__(self, request: Request, on_caption: Callable[[Job, Outcome], None] | None = None):
         self.request = request
         self.on_caption = on_caption  # publishes a finished caption (worker thread)
-        self.cancel = threading.Event()
+        self.cancel = CancelFlag()
         self.started = False
         self.outcome: Outcome | None = None
         self._claimed = False
@@ -125,6 +154,17 @@ class Job:
     @property
     def done(self) -> bool:
         return self._done.is_set()
+
+
+def clamp_to_context(pipeline, config):
+    """max_new_tokens within the context: a uint32 from a request must not size buffers.
+
+    The generation still ends with finish_reason "context" when the prompt leaves less.
+    """
+    limit = getattr(pipeline, "max_context", None)
+    if isinstance(limit, int) and config.max_new_tokens > limit:
+        return replace(config, max_new_tokens=limit)
+    return config
 
 
 class InferenceWorker:
@@ -284,10 +324,13 @@ class InferenceWorker:
             t0 = time.monotonic()
             rgb, header = req.image.decode(req.max_image_dim)
             convert_s = time.monotonic() - t0
+            if req.run is not None:
+                return req.run(self.pipeline, job, rgb, header, convert_s, self._log)
             question = (locate_question(getattr(self.pipeline, "tokenizer", None), req.locate)
                         if req.locate else req.prompt)
             gen = self.pipeline.generate(question, images=[rgb], system_prompt=req.system_prompt,
-                                         config=self._clamp(req.config))
+                                         config=clamp_to_context(self.pipeline, req.config),
+                                         frame_key=req.frame_key)
             try:
                 text, n = "", 0
                 for step in gen:
@@ -334,6 +377,7 @@ class InferenceWorker:
             malformed=grounding.malformed,
             camera=getattr(req.image, "camera", ""),
             image=rgb,
+            choice_index=res.choice_index,
         )
 
     def _ground(self, res, rgb) -> Grounding:
@@ -348,16 +392,6 @@ class InferenceWorker:
             return Grounding(res.text, (), 0)
         h, w = rgb.shape[:2]
         return parse_grounding(text, w, h)
-
-    def _clamp(self, config):
-        """max_new_tokens within the context: a uint32 from a request must not size buffers.
-
-        The generation still ends with finish_reason "context" when the prompt leaves less.
-        """
-        limit = getattr(self.pipeline, "max_context", None)
-        if isinstance(limit, int) and config.max_new_tokens > limit:
-            return replace(config, max_new_tokens=limit)
-        return config
 
     def _backend_failed(self, e: BaseException, what: str, header) -> Outcome:
         self._log.error(f"generation failed: {what}\n{traceback.format_exc()}")
