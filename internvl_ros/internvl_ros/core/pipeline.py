@@ -184,6 +184,8 @@ class Pipeline:
         self._lock = threading.Lock()
         self._active = None  # weakref to the unfinished Generation: an abandoned one frees us
         self._closed = False
+        #: time.monotonic() when a generation step last returned (a watchdog's sign of life)
+        self.last_step: float | None = None
 
     @classmethod
     def from_model_dir(cls, path: str | Path | None = None,
@@ -545,6 +547,7 @@ class Generation:
             self._fail(exc)
             raise
         finally:
+            self._pipe.last_step = time.monotonic()
             with self._state:
                 self._running = False
                 if self._close_requested and self._finish is None:

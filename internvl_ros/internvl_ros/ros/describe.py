@@ -65,6 +65,17 @@ def detection_msgs(boxes: tuple[Box, ...]) -> list[Detection]:
                       y_max=b.y_max) for b in boxes]
 
 
+def stuck_message(worker, stuck_after: float) -> str:
+    """'backend stuck: ...' when the running generation has made no progress for longer than
+    ``stuck_after`` seconds (0: never), else ''. /diagnostics shows the same as an ERROR."""
+    stuck = worker.stuck_for() if worker is not None else 0.0
+    if stuck_after <= 0 or stuck <= stuck_after:
+        return ""
+    return (f"backend stuck: no progress for {stuck:.1f} s (a model step hangs in the backend; "
+            f"stuck_after is {stuck_after:g} s). Requests are refused until it moves again; if "
+            "it does not, restart the node (on the board, also check the NPU driver)")
+
+
 def drop_request_images(goal) -> None:
     """Free the image data of a finished goal: rclpy keeps the goal request until the action
     server's result_timeout (15 min on Humble), and a 1080p rgb8 image is 6 MB."""
@@ -214,6 +225,9 @@ class Describer:
             return Outcome.fail(
                 f"the node is inactive (lifecycle state: {self.state}); activate it with "
                 f"'ros2 lifecycle set {self._node.get_fully_qualified_name()} activate'")
+        stuck = stuck_message(worker, float(self._p("stuck_after")))
+        if stuck:
+            return Outcome.fail(stuck)
         return None
 
     def serve(self, req, source: str, on_delta=None, cancel_requested=None,

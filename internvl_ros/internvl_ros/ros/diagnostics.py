@@ -78,14 +78,18 @@ def _fmt(v) -> str:
 
 def build_status(name: str, hardware_id: str, info: dict, stats: dict):
     """One DiagnosticStatus: OK when serving, WARN when the last thing that happened went wrong
-    (no frames while publishers exist, dropped frames in the last period, a failed request)."""
+    (no frames while publishers exist, dropped frames in the last period, a failed request),
+    ERROR when something is broken now (`errors`: a stuck backend)."""
     from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
 
     level, message = DiagnosticStatus.OK, f"{info.get('state', '?')}"
     warnings = info.get("warnings") or []
-    if warnings:
+    errors = info.get("errors") or []
+    if errors:
+        level, message = DiagnosticStatus.ERROR, "; ".join(errors + warnings)
+    elif warnings:
         level, message = DiagnosticStatus.WARN, "; ".join(warnings)
-    values = {**{k: v for k, v in info.items() if k != "warnings"}, **stats}
+    values = {**{k: v for k, v in info.items() if k not in ("warnings", "errors")}, **stats}
     dropped = values.pop("dropped_by_kind", {})
     for kind, n in sorted(dropped.items()):
         values[f"frames_dropped_{kind}"] = n

@@ -37,7 +37,7 @@ from std_msgs.msg import String
 from internvl_ros.core.errors import ConfigError, InternVLError
 from internvl_ros.ros import compat, intake, params, qos
 from internvl_ros.ros.ask import AskService
-from internvl_ros.ros.describe import Describer, detection_msgs, timings_msg
+from internvl_ros.ros.describe import Describer, detection_msgs, stuck_message, timings_msg
 from internvl_ros.ros.diagnostics import Period, Stats, Throttle, build_array, build_status
 from internvl_ros.ros.outputs import Outputs
 from internvl_ros.ros.shutdown import STOP_BUDGET_S, Release
@@ -338,6 +338,10 @@ class InternVLNode(LifecycleNode):
                     f"{name}/latest_frame": latest,
                     f"{name}/latest_frame_age_s": age,
                 })
+        stuck = stuck_message(worker, float(self._p("stuck_after")))
+        if stuck:
+            info["state"] = "stuck"
+            info["errors"] = [stuck]
         if self.load_error:
             info["warnings"].append(f"configure failed: {self.load_error}")
         status = build_status(f"{self.get_name()}: {self.get_fully_qualified_name()}",

@@ -153,6 +153,9 @@ PARAMS: tuple[Param, ...] = (
     Param("request_timeout", 60.0, "Seconds a request may take, queueing included, before it "
           "fails (a running generation is cancelled); 0 waits forever.", REQUESTS, lo=0.0,
           hi=3600.0),
+    Param("stuck_after", 120.0, "Seconds a generation may go without progress (no token, no "
+          "step) before the backend counts as stuck: /diagnostics turns ERROR and requests are "
+          "refused at once until it moves again; 0 never.", REQUESTS, lo=0.0, hi=3600.0),
     # --- continuous mode: may change at run time
     Param("caption_rate_hz", 0.0, "Caption the latest frame this many times a second with "
           "default_prompt (only when idle and the frame is new); 0 turns it off.", CONTINUOUS,

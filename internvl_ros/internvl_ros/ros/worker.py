@@ -182,6 +182,7 @@ class InferenceWorker:
         self._cond = threading.Condition()
         self._stopping = False
         self._stop_reason = SHUTTING_DOWN
+        self._beat: float | None = None  # last progress of the running job (None: idle)
         self._thread = threading.Thread(target=self._loop, name="internvl-worker", daemon=True)
         self._thread.start()
 
@@ -235,6 +236,22 @@ class InferenceWorker:
             except ValueError:
                 return False
 
+    def beat(self) -> None:
+        """The running job made progress (a token, a model step)."""
+        self._beat = time.monotonic()
+
+    def stuck_for(self) -> float:
+        """Seconds the running job has made no progress (its start, or the pipeline's last
+        generation step, whichever is later); 0 when idle. A step that hangs in the backend
+        cannot be interrupted from Python: this is how the node notices one."""
+        beat = self._beat
+        if beat is None:
+            return 0.0
+        step = getattr(self.pipeline, "last_step", None)
+        if isinstance(step, float) and step > beat:
+            beat = step
+        return max(0.0, time.monotonic() - beat)
+
     def idle(self) -> bool:
         with self._cond:
             return self._current is None and not self._queue
@@ -285,6 +302,7 @@ class InferenceWorker:
                 job = self._queue.popleft()
                 self._current = job
                 job.started = True
+                self.beat()
             try:
                 self._serve(job)
             except BaseException as e:  # a bug must not kill the worker: every job is answered
@@ -296,6 +314,7 @@ class InferenceWorker:
                 job = None  # don't keep the last job (and its frame) alive while idle
                 with self._cond:
                     self._current = None
+                    self._beat = None
 
     def _serve(self, job: Job) -> None:
         if job.cancel.is_set() or job.done:
