@@ -299,14 +299,16 @@ def test_context_limit_finish_reason(host_dir):
 
 
 def test_too_many_images_for_the_npu_prefill(host_dir, tmp_path):
-    fake_axengine.make_fake_axera_dir(host_dir, tmp_path)  # the real limits: 2047 / 1024
+    fake_axengine.make_fake_axera_dir(host_dir, tmp_path)  # the real limits: 2047 / 1152
     with fake_axengine.installed():
         with Pipeline.from_model_dir(tmp_path, backend="axengine") as npu:
-            assert npu.max_prompt_tokens == 1024 and npu.max_context == 2047
-            assert npu.fit_frames(Q) == 3  # the caption CLI's default for --video
+            assert npu.max_prompt_tokens == 1152 and npu.max_context == 2047
+            # the caption CLI's default for --video (4 with the real tokenizer, whose default
+            # system prompt is shorter than the tiny byte-level one's)
+            assert npu.fit_frames(Q) == 3
             with pytest.raises(PromptTooLongError) as e:
                 npu.generate(Q, images=[image(i) for i in range(4)])
-            assert "at most 1024" in str(e.value) and "prefill limit 1024" in str(e.value)
+            assert "at most 1152" in str(e.value) and "prefill limit 1152" in str(e.value)
             _, res = run(npu, 4, images=[image(0)])
             assert res.finish_reason == "length"
 

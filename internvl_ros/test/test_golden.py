@@ -24,11 +24,11 @@ FILLERS = [" the", " robot", " is", " near", " a", " red", " cup", ".", ","]
 def model(request, tmp_path_factory):
     hf_dir, onnx_dir = tiny_model_dirs(request.param)
     axera = tmp_path_factory.mktemp(f"axera-{request.param}")
-    fake_axengine.make_fake_axera_dir(onnx_dir, axera)  # 2047 / 1024, as published
+    fake_axengine.make_fake_axera_dir(onnx_dir, axera)  # 2047 / 1152, as published
     host = Pipeline.from_model_dir(onnx_dir, num_threads=1)
     with fake_axengine.installed():
         npu = Pipeline.from_model_dir(axera, backend="axengine")
-    assert npu.llm.fixed and npu.max_context == 2047 and npu.max_prompt_tokens == 1024
+    assert npu.llm.fixed and npu.max_context == 2047 and npu.max_prompt_tokens == 1152
     yield hf_dir, host, npu
     host.close()
     npu.close()

@@ -13,7 +13,7 @@ from internvl_ros.export.testing import tiny_model_dirs
 def both_backends(tmp_path_factory, spec: str = "a"):
     """(hf_dir, {"onnxruntime": pipeline, "axengine": pipeline over the double, "axengine-rows":
     the same with kv_feed="rows"}) of tiny model `spec`; the double has the published build's
-    limits (2047 / 8 slices of 128). "axengine" feeds the whole cache (kv_feed="full"), so a
+    limits (2047 / 9 slices of 128). "axengine" feeds the whole cache (kv_feed="full"), so a
     Recorder around a layer sees every run; rows mode bypasses session.run."""
     hf_dir, onnx_dir = tiny_model_dirs(spec)
     axera = tmp_path_factory.mktemp(f"axera-{spec}")

@@ -845,7 +845,8 @@ def layer_groups(names_in, names_out, hidden: int, kv_dim: int, kv_cache_len: in
 
 def make_fake_axera_dir(host_dir: str | Path, out_root: str | Path,
                         kv_cache_len: int = PUBLISHED_KV_CACHE_LEN, prefill_len: int = 128,
-                        max_prefill: int = 1024, name: str = "InternVL3_5-1B_GPTQ_INT4",
+                        max_prefill: int = PUBLISHED_MAX_PREFILL,
+                        name: str = "InternVL3_5-1B_GPTQ_INT4",
                         hidden_dtype=BF16, prefill_dtype=None) -> Path:
     """Lay out a host (ONNX) model dir like the published AXERA-TECH download:
     `{name}/` (HF files), `{name}_axmodel/` (layers, post, embeddings), `vit-models/`.

@@ -304,7 +304,7 @@ class Pipeline:
     def fit_frames(self, prompt: str, system_prompt: str | None = None,
                    max_frames: int = 8) -> int:
         """The most video frames (one tile each, at most `max_frames`) whose prompt fits
-        `max_prompt_tokens`; 0 if not even one does. E.g. 3 on the AX650N build (1024-token
+        `max_prompt_tokens`; 0 if not even one does. E.g. 4 on the AX650N build (1152-token
         prefill limit), 7 on the host's default 2048-token context."""
         for n in range(max_frames, 0, -1):
             ids = build_prompt_ids(self.tokenizer, prompt, [1] * n, video=True,

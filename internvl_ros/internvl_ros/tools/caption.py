@@ -6,7 +6,7 @@
     internvl-caption --model-dir DIR --video clip.mp4 --prompt ... --json
 
 --video samples as many frames as fit the model's prompt limit, at most 8 (256 image tokens
-each: 3 on the AX650N build, 7 with the host's default 2048-token context); --frames N sets it.
+each: 4 on the AX650N build, 7 with the host's default 2048-token context); --frames N sets it.
 
 Errors of the runtime print one line on stderr and exit with status 2.
 """
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video", default=None, metavar="PATH", help="a video file")
     p.add_argument("--frames", type=int, default=None,
                    help="frames sampled from --video (default: as many as fit the prompt "
-                        "limit, at most 8: 3 on the AX650N build, 7 on the host's 2048-token "
+                        "limit, at most 8: 4 on the AX650N build, 7 on the host's 2048-token "
                         "context)")
     p.add_argument("--max-tiles", type=int, default=1,
                    help="max 448x448 tiles per image (dynamic tiling; 1 on the AX650N)")
