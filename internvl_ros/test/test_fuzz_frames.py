@@ -562,6 +562,16 @@ def test_exif_orientation_is_not_a_corrupt_frame():
         assert isinstance(out, np.ndarray) and out.shape == (24, 40, 3), (name, out)
 
 
+def test_one_pixel_frame_converts_on_every_opencv():
+    """Found by the board leg's fuzzing: a 1x1 bgr8 frame made OpenCV 4.5.4's cvtColor refuse
+    the strided row view (`_step >= minstep`), an exception that is not a BadFrameError."""
+    raw = (b"\x00\x01\x00\x00" + b"\x00" * 8 + b"\x01\x00\x00\x00\x00\x00\x00\x00"
+           + b"\x01\x00\x00\x00\x01\x00\x00\x00\x05\x00\x00\x00bgr8\x00\x00\x00\x00"
+           + b"\x03\x00\x00\x00\x03\x00\x00\x00\x00\x00\x00")
+    out = intake(raw, compressed=False)
+    assert isinstance(out, np.ndarray) and out.shape == (1, 1, 3), out
+
+
 def test_png_chunk_longer_than_the_data_is_refused_before_decoding():
     """Found by atheris: a 69-byte PNG whose IDAT chunk declares 0xFF00000C bytes made OpenCV 5
     allocate 4 GB and spend 9 s before refusing it. Now refused from the chunk walk."""

@@ -273,6 +273,10 @@ def image_to_rgb(msg) -> np.ndarray:
         return np.ascontiguousarray(px)
     if px.shape[2] == 1:
         px = px[..., 0]  # (h, w): what cvtColor takes for gray and Bayer
+    if px.shape[:2] == (1, 1):
+        # OpenCV 4.5.4 (the board's) reads a (1, 1, c) array as c rows of one channel and
+        # refuses it (`_step >= minstep`; found by test_fuzz_frames in the board leg)
+        return cv2.cvtColor(np.repeat(px, 2, axis=0), code)[:1]
     return cv2.cvtColor(px, code)
 
 
@@ -303,10 +307,16 @@ def compressed_to_rgb(msg, max_dim: int) -> np.ndarray:
         _check_png_chunks(buf)
     # 8-bit, 3 channels, also for gray/16-bit; as stored: camera drivers mean the pixels as
     # they are, and an EXIF orientation tag would rotate them away from the header's size
-    bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if bgr is None:
+    try:
+        bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    except cv2.error as e:
+        raise BadFrameError("corrupt", f"{info.encoding} data ({len(buf)} bytes) is corrupt: "
+                            f"{str(e).strip().splitlines()[-1]}") from None
+    if bgr is None or bgr.ndim != 3 or bgr.shape[2] != 3:
         raise BadFrameError("corrupt", f"{info.encoding} data ({len(buf)} bytes) is corrupt")
-    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    # numpy, not cvtColor: OpenCV 4.5.4 (the board's) returns an EXIF-tagged JPEG decoded with
+    # IMREAD_IGNORE_ORIENTATION as an array whose row step its own cvtColor then refuses
+    rgb = np.ascontiguousarray(bgr[..., ::-1])
     if rgb.shape[:2] != (info.height, info.width):
         raise BadFrameError(
             "corrupt",
