@@ -24,7 +24,7 @@ from .errors import (
     ShapeMismatchError,
 )
 from .kvfeed import KVFeedStatus
-from .llm import LanguageModel, check_max_context
+from .llm import LanguageModel, check_logits, check_max_context
 from .modeldir import ModelConfig
 
 DEFAULT_MAX_CONTEXT = 2048  # as the split layout on the host
@@ -171,15 +171,7 @@ class HostLanguageModel:
         except Exception as exc:  # backends raise their own types
             raise BackendError(f"{what} ({getattr(self.session, 'path', '?')}) failed: "
                                f"{type(exc).__name__}: {exc}") from exc
-        if not np.isfinite(logits).all():  # some K/V row may be non-finite: zero it next time
-            self.cache.taint()
-            nan, posinf = int(np.isnan(logits).sum()), int(np.isposinf(logits).sum())
-            if nan or posinf or not np.isfinite(logits).any():  # -inf alone is a mask
-                raise BackendError(
-                    f"the model returned non-finite logits ({nan} NaN, {posinf} +inf of "
-                    f"{logits.size}; {getattr(self.session, 'path', '?')}): the backend "
-                    "computed garbage. The KV cache is reset; if it repeats, check the model "
-                    "files")
+        check_logits(logits, self.cache, getattr(self.session, "path", "?"))
         return logits
 
     def close(self) -> None:

@@ -373,21 +373,28 @@ class LanguageModel:
         x = cast(np.ascontiguousarray(hidden[:, -1:]), self.post_dtype)  # (1, 1, hidden)
         out = run_session(self.post, {self.post_input: x}, 0, "post (final norm + lm_head)")
         logits = np.asarray(out[0], dtype=np.float32).reshape(-1)  # (vocab,)
-        if not np.isfinite(logits).all():  # some K/V row may be non-finite: zero it next time
-            self.cache.taint()
-            nan, posinf = int(np.isnan(logits).sum()), int(np.isposinf(logits).sum())
-            if nan or posinf or not np.isfinite(logits).any():  # -inf alone is a mask
-                raise BackendError(
-                    f"the model returned non-finite logits ({nan} NaN, {posinf} +inf of "
-                    f"{logits.size}; post model {getattr(self.post, 'path', '?')}): the backend "
-                    "computed garbage (an overflow in a low-precision build, or a faulty "
-                    "device). The KV cache is reset; if it repeats, check the model files and "
-                    "the device")
+        check_logits(logits, self.cache, f"post model {getattr(self.post, 'path', '?')}")
         return logits
 
     def close(self) -> None:
         for s in self.layers + [self.post]:
             s.close()
+
+
+def check_logits(logits: np.ndarray, cache, where: str) -> None:
+    """Non-finite logits taint the cache (its rows are zeroed at the next reset); NaN, +inf,
+    or no finite value at all is garbage: BackendError, never a token drawn from it. -inf
+    alone is a mask and stays allowed."""
+    if np.isfinite(logits).all():
+        return
+    cache.taint()
+    nan, posinf = int(np.isnan(logits).sum()), int(np.isposinf(logits).sum())
+    if nan or posinf or not np.isfinite(logits).any():
+        raise BackendError(
+            f"the model returned non-finite logits ({nan} NaN, {posinf} +inf of {logits.size}; "
+            f"{where}): the backend computed garbage (an overflow in a low-precision build, or "
+            "a faulty device). The KV cache is reset; if it repeats, check the model files and "
+            "the device")
 
 
 def _describe(sig) -> str:
