@@ -229,6 +229,17 @@ def test_history_grows_with_action_and_continuous_captions(page, ros):
     assert head.startswith("action") and f"{stamp:.3f} s" in head, head  # source, stamp
 
 
+def _click_cancel(page) -> None:
+    """Click cancel if the answer is still running; an answer that ended first (the button is
+    disabled again) is a lost race, which the caller sees in the finish reason."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
+    try:
+        page.get_by_test_id("cancel").click(timeout=3000)
+    except PlaywrightTimeoutError:
+        pass
+
+
 def test_cancel_stops_a_long_answer(page, ros):
     """Cancel while the answer streams. The tiny model writes 1500 tokens in about a second
     here, so a click can lose the race on a loaded machine: then (finish eos/length/context)
@@ -238,7 +249,7 @@ def test_cancel_stops_a_long_answer(page, ros):
     for _ in range(5):
         ask(page, PROMPT, max_tokens=1500, wait=False)
         wait_js(page, f"{q('answer')}.textContent.length > 0")
-        page.get_by_test_id("cancel").click()
+        _click_cancel(page)
         page.wait_for_selector("[data-testid=answer][data-state=done]")
         finishes.append(page.get_by_test_id("finish").text_content())
         if finishes[-1] == "cancelled":
@@ -247,11 +258,16 @@ def test_cancel_stops_a_long_answer(page, ros):
     assert 1 <= int(page.get_by_test_id("tokens").text_content()) < 1500
     assert page.get_by_test_id("answer").text_content()  # the partial text stays
     assert page.get_by_test_id("send").is_enabled()
-    # cancel before the question even started streaming
-    ask(page, PROMPT, max_tokens=1500, wait=False)
-    page.get_by_test_id("cancel").click()
-    page.wait_for_selector("[data-testid=answer][data-state=done]")
-    assert page.get_by_test_id("finish").text_content() == "cancelled"
+    # cancel before the question even started streaming (retried the same way)
+    finishes = []
+    for _ in range(5):
+        ask(page, PROMPT, max_tokens=1500, wait=False)
+        _click_cancel(page)
+        page.wait_for_selector("[data-testid=answer][data-state=done]")
+        finishes.append(page.get_by_test_id("finish").text_content())
+        if finishes[-1] == "cancelled":
+            break
+    assert finishes[-1] == "cancelled", f"never cancelled in time: {finishes}"
     # the node is free again
     ask(page, PROMPT)
     assert page.get_by_test_id("finish").text_content() in ("eos", "length")
