@@ -106,6 +106,7 @@ class HostLanguageModel:
         return self.max_ctx
 
     embed = LanguageModel.embed  # token embeddings (n, hidden) float32, same checks
+    _start_prefill = LanguageModel._start_prefill  # the same keep rules and cache set-up
 
     def reset(self, clear: bool = True) -> None:
         """Forget the KV state; `clear` (or a tainted cache) also zeroes the rows. Stale rows
@@ -138,15 +139,7 @@ class HostLanguageModel:
         `keep` (as LanguageModel.prefill): the cache's first `keep` rows already hold this
         prompt's first `keep` tokens, so only rows [keep, L) run; keep = 0 starts afresh."""
         length = embeds.shape[0]
-        self.check_prompt_length(length)
-        self.prefills += 1  # the rows after `keep` change: earlier claims on them are void
-        if keep:
-            if not 0 < keep < length or self.reusable_rows(keep) != keep:
-                raise ValueError(f"prefill cannot keep {keep} rows of a {length}-token prompt "
-                                 f"(reusable: {self.reusable_rows(keep)})")
-        else:
-            self.reset(clear=False)
-        self.cache.filled = keep
+        self._start_prefill(length, keep)
         logits = None
         for start in range(keep, length, self.chunk):
             rows = embeds[start:start + self.chunk][None]  # (1, n, hidden)

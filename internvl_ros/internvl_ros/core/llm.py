@@ -288,6 +288,19 @@ class LanguageModel:
         [keep, L) run; `keep` must be < L and at most `reusable_rows(keep)`. With keep = 0 the
         cache is reset first."""
         length = embeds.shape[0]
+        self._start_prefill(length, keep)
+        chunk = self.chunk
+        last_hidden = None
+        for start in range(keep, length, chunk):  # ceil((L - keep) / chunk) slices
+            n_valid = min(chunk, length - start)
+            hidden = self._prefill_slice(embeds[start:start + n_valid], start)
+            last_hidden = hidden[:, n_valid - 1:n_valid]  # (1, 1, hidden)
+        self.cache.filled = length
+        return self._logits(last_hidden)
+
+    def _start_prefill(self, length: int, keep: int) -> None:
+        """Check a prompt of `length` tokens keeping `keep` cached rows, and set the cache up
+        for it (shared with the host runner)."""
         self.check_prompt_length(length)
         self.prefills += 1  # the rows after `keep` change: earlier claims on them are void
         if keep:
@@ -297,14 +310,6 @@ class LanguageModel:
             self.cache.filled = keep
         else:
             self.reset(clear=False)  # stale rows stay: never read (host) or masked (NPU)
-        chunk = self.chunk
-        last_hidden = None
-        for start in range(keep, length, chunk):  # ceil((L - keep) / chunk) slices
-            n_valid = min(chunk, length - start)
-            hidden = self._prefill_slice(embeds[start:start + n_valid], start)
-            last_hidden = hidden[:, n_valid - 1:n_valid]  # (1, 1, hidden)
-        self.cache.filled = length
-        return self._logits(last_hidden)
 
     def _prefill_slice(self, x: np.ndarray, past: int) -> np.ndarray:
         """One slice of n_valid rows at absolute positions [past, past + n_valid)."""
