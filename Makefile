@@ -137,7 +137,7 @@ fuzz: setup
 # JSON to $(SOAK_JSON) (default bench/results/soak.json). See docs/RELIABILITY.md.
 SOAK_MIN ?= 10
 soak: setup
-	source env.sh && python bench/soak.py --minutes $(SOAK_MIN) $(if $(SOAK_JSON),--json $(SOAK_JSON))
+	source env.sh && python bench/soak.py --minutes $(SOAK_MIN) $(if $(SOAK_JSON),--json $(SOAK_JSON)) $(SOAK_ARGS)
 
 clean:
 	rm -rf build install log .cache build-board install-board

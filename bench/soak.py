@@ -147,9 +147,25 @@ def write_params(path: Path, model_dir: Path, **overrides) -> Path:
     return path
 
 
-def start_node(tmp: Path, name: str, model_dir: Path, env: dict) -> subprocess.Popen:
+def parse_params(items: list[str]) -> dict:
+    """--param NAME=VALUE items as a dict (values parsed as YAML: 0, true, 1.5, text)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--param {item!r}: expected NAME=VALUE, e.g. frame_cache_mb=0")
+        out[name] = yaml.safe_load(value)
+    return out
+
+
+def start_node(tmp: Path, name: str, model_dir: Path, env: dict,
+               params: dict | None = None) -> subprocess.Popen:
     ns = NODES[name]
-    extra = {"image_transport": "compressed"} if name == "compressed" else {}
+    extra = dict(params or {})
+    if name == "compressed":
+        extra["image_transport"] = "compressed"
     params = write_params(tmp / f"{name}.yaml", model_dir, **extra)
     exe = shutil.which("internvl_node")
     cmd = [exe] if exe else [sys.executable, "-m", "internvl_ros.ros.node"]
@@ -527,7 +543,11 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=os.environ.get("SOAK_JSON") or str(RESULTS_DIR /
                                                                           "soak.json"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                    help="a node parameter for both nodes (YAML value), e.g. frame_cache_mb=0; "
+                         "repeatable")
     args = ap.parse_args(argv)
+    node_params = parse_params(args.param)
     duration = args.minutes * 60.0
     warmup = min(300.0, 0.3 * duration)  # allocator arenas and the executor's pool settle
 
@@ -541,7 +561,8 @@ def main(argv=None) -> int:
     os.environ.pop("FASTDDS_DEFAULT_PROFILES_FILE", None)
     tmp = Path(tempfile.mkdtemp(prefix="soak-"))
     print(f"soak: {args.minutes:g} min, ROS domain {domain}, logs in {tmp}", flush=True)
-    procs = {name: start_node(tmp, name, model_dir, dict(os.environ)) for name in NODES}
+    procs = {name: start_node(tmp, name, model_dir, dict(os.environ), node_params)
+             for name in NODES}
     ledger = Ledger()
     harness = None
     samples: list[dict] = []
@@ -587,7 +608,10 @@ def main(argv=None) -> int:
         load["end"] = [round(x, 2) for x in os.getloadavg()]
         res = summarise(samples, ledger, elapsed, warmup, load, {
             "raw": harness.published["raw"], "compressed": harness.published["compressed"]})
-        res["command"] = f"make soak SOAK_MIN={args.minutes:g}"
+        res["command"] = f"make soak SOAK_MIN={args.minutes:g}" + "".join(
+            f" --param {p}" for p in args.param)
+        res["node_params"] = node_params
+        res["malloc_arena_max"] = os.environ.get("MALLOC_ARENA_MAX")
         res["cpus"] = os.cpu_count()
         res["logs"] = str(tmp)
     finally:

@@ -276,3 +276,22 @@ def test_frame_cache_is_an_lru_bounded_in_bytes():
     assert off.get(1) is None
     with pytest.raises(ConfigError):
         FrameCache(-1)
+
+
+def test_frame_cache_count_bound():
+    """The node bounds the cache by frames too (the latest of each camera): however small the
+    embeddings, it never holds more than max_frames, and evicts the least recently used."""
+    cache = FrameCache(max_bytes=64 << 20, max_frames=2)
+    for k in range(100):
+        cache.put(k, frame(1))
+        assert len(cache) == min(k + 1, 2) and cache.nbytes == len(cache) << 10
+    assert cache.get(98) is not None and cache.get(99) is not None and cache.get(97) is None
+    cache.get(98)  # 98 used last: the next put evicts 99
+    cache.put(100, frame(1))
+    assert cache.get(99) is None and cache.get(98) is not None
+    off = FrameCache(max_bytes=64 << 20, max_frames=0)
+    off.put(1, frame(1))
+    assert off.get(1) is None and len(off) == 0
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ConfigError, match="frame_cache_frames"):
+            FrameCache(max_frames=bad)

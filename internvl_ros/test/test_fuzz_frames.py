@@ -19,6 +19,8 @@ from __future__ import annotations
 import base64
 import os
 import struct
+import subprocess
+import sys
 import time
 import tracemalloc
 import zlib
@@ -178,12 +180,13 @@ def convert(msg, max_dim: int, input_bytes: int):
 def through_rclpy(raw: bytes, compressed: bool, max_dim: int = MAX_DIM):
     """The node's other door: deserialize_message (on a CdrError, and for every frame a request
     describes), then the same checks."""
-    ser = pytest.importorskip("rclpy.serialization")
+    intake_mod = pytest.importorskip("internvl_ros.ros.intake")
     sensor = pytest.importorskip("sensor_msgs.msg")
     try:
-        msg = ser.deserialize_message(raw, sensor.CompressedImage if compressed else sensor.Image)
-    except Exception:  # the node turns this into a 'corrupt' BadFrameError
-        return "deserialize"
+        msg = intake_mod.deserialize(raw, sensor.CompressedImage if compressed else sensor.Image)
+    except ic.BadFrameError as e:  # the node drops the frame as 'corrupt'
+        assert e.kind == "corrupt", e
+        return e
     return convert(msg, max_dim, len(raw))
 
 
@@ -545,6 +548,35 @@ def _expect_bad(out, kind: str | None = None) -> None:
     assert isinstance(out, ic.BadFrameError), out
     if kind is not None:
         assert out.kind == kind, (out.kind, str(out))
+
+
+def test_header_only_payload_is_refused_without_reaching_fast_cdr():
+    """Found by test_fuzz_rclpy_deserialize: four bytes, an encapsulation header whose options
+    ask for padding (00 00 00 03) and nothing after it, crash Fast CDR's deserialization (a
+    segfault of the whole node). The node's fallback door refuses them first. Run in a child
+    process, so that a crash fails this test instead of ending the run."""
+    pytest.importorskip("internvl_ros.ros.intake")
+    code = """
+from internvl_ros.ros import image_conv
+from internvl_ros.ros.intake import deserialize
+from sensor_msgs.msg import CompressedImage, Image
+n = 0
+for rep in (b"\\x00\\x00", b"\\x00\\x01"):
+    for opt in range(4):
+        for raw in (rep + bytes([0, opt]), rep + bytes([0, opt]) + bytes(3), rep[:1], b""):
+            for t in (Image, CompressedImage):
+                try:
+                    deserialize(raw, t)
+                except image_conv.BadFrameError as e:
+                    assert e.kind == "corrupt", e
+                    n += 1
+print("refused", n)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, (f"exit {out.returncode} (a negative code is a signal: "
+                                 f"-11 is the Fast CDR segfault)", out.stderr[-2000:])
+    assert out.stdout.split() == ["refused", str(2 * 4 * 4 * 2)], out.stdout
 
 
 def test_seeds_decode():

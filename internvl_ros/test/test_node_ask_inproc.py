@@ -152,6 +152,7 @@ def test_kv_feed_and_device_id_reach_the_pipeline_and_diagnostics(make_node, tmp
         status = node.pipeline.kv_feed
         assert status.mode == "rows" and status.requested == "rows"
         assert node.pipeline.frames.max_bytes == 1 << 20
+        assert node.pipeline.frames.max_frames == node_mod.CACHED_FRAMES_PER_CAMERA  # 1 camera
         info = node_mod.pipeline_info(node.pipeline)
         assert info["kv_feed"] == "rows" and info["kv_feed_reason"] == status.reason
         assert f"kv_feed: rows ({status.reason})" in capfd.readouterr().err
@@ -163,3 +164,14 @@ def test_kv_feed_and_device_id_reach_the_pipeline_and_diagnostics(make_node, tmp
         bad = make_node(model_dir=str(axera), backend="axengine", device_id=1, start=False)
         assert bad.trigger_configure() == node_mod.FAILURE
         assert "Device index 1 is out of range" in bad.load_error, bad.load_error
+
+
+def test_frame_cache_holds_the_latest_frames_of_each_camera(make_node):
+    """The frame cache is bounded by cameras, not only by frame_cache_mb: a request can only
+    take a camera's newest frame, so older frames are never kept (issue 16's soak: the tiny
+    model's small embeddings filled 64 MiB with a thousand unreachable frames)."""
+    node = make_node(model_dir=str(tiny_model_dirs("a")[1]), cameras=["front", "rear", "top"])
+    cache = node.pipeline.frames
+    assert cache.max_frames == 3 * node_mod.CACHED_FRAMES_PER_CAMERA
+    assert cache.max_bytes == 64 << 20
+    assert node_mod.pipeline_info(node.pipeline)["frame_cache_frames"] == 0

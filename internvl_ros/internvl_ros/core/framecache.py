@@ -9,7 +9,9 @@ The `FrameCache` keeps recent EncodedFrames by a caller-supplied frame key (e.g.
 stamp, arrival)`): a later request on a frame that was already encoded skips preprocessing and
 the ViT (and, when nothing ran in between, the prefill of the shared prefix). It is an LRU
 bounded by the bytes of the embeddings it holds (1 MB per tile for InternVL3.5-1B: 256 x 1024
-float32). Thread-safe.
+float32) and, optionally, by a number of frames: a caller that can only ever ask again about a
+few frames (the ROS node: the latest frame of each camera) says so, and the cache does not fill
+its byte budget with frames nobody can name any more. Thread-safe.
 """
 
 from __future__ import annotations
@@ -49,13 +51,19 @@ class EncodedFrame:
 
 
 class FrameCache:
-    """LRU of EncodedFrames by key, holding at most `max_bytes` of embeddings (0 = off)."""
+    """LRU of EncodedFrames by key, holding at most `max_bytes` of embeddings (0 = off) and at
+    most `max_frames` frames (None = no count bound)."""
 
-    def __init__(self, max_bytes: int = DEFAULT_FRAME_CACHE_BYTES):
+    def __init__(self, max_bytes: int = DEFAULT_FRAME_CACHE_BYTES, max_frames: int | None = None):
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
             raise ConfigError(f"frame_cache_bytes={max_bytes!r} must be an integer >= 0 "
                               "(0 turns the frame cache off)")
+        if max_frames is not None and (isinstance(max_frames, bool)
+                                       or not isinstance(max_frames, int) or max_frames < 0):
+            raise ConfigError(f"frame_cache_frames={max_frames!r} must be None (no count "
+                              "bound) or an integer >= 0 (0 turns the frame cache off)")
         self.max_bytes = max_bytes
+        self.max_frames = max_frames
         self._frames: OrderedDict[Hashable, EncodedFrame] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -84,13 +92,15 @@ class FrameCache:
         """Store an encoded frame (evicting the least recently used ones to fit); a frame
         larger than the whole cache is not stored."""
         size = frame.nbytes
+        count = self.max_frames
         with self._lock:
             old = self._frames.pop(key, None)
             if old is not None:
                 self._bytes -= old.nbytes
-            if frame.features is None or size > self.max_bytes:
+            if frame.features is None or size > self.max_bytes or count == 0:
                 return
-            while self._frames and self._bytes + size > self.max_bytes:
+            while self._frames and (self._bytes + size > self.max_bytes
+                                    or (count is not None and len(self._frames) >= count)):
                 _, evicted = self._frames.popitem(last=False)
                 self._bytes -= evicted.nbytes
             self._frames[key] = frame

@@ -141,14 +141,16 @@ class Pipeline:
 
     def __init__(self, model_dir: ModelDir, backend, max_context: int | None = None,
                  max_tiles: int = 1, kv_feed: str = "auto",
-                 frame_cache_bytes: int = DEFAULT_FRAME_CACHE_BYTES):
+                 frame_cache_bytes: int = DEFAULT_FRAME_CACHE_BYTES,
+                 frame_cache_frames: int | None = None):
         self.model_dir = model_dir
         self.config = model_dir.config
         self.backend_name = getattr(backend, "name", str(backend))
         if isinstance(max_tiles, bool) or not isinstance(max_tiles, int) or max_tiles < 1:
             raise ConfigError(f"max_tiles={max_tiles!r} must be an integer >= 1")
         self.max_tiles = max_tiles
-        self.frames = FrameCache(frame_cache_bytes)  # encoded frames by the caller's frame key
+        # encoded frames by the caller's frame key
+        self.frames = FrameCache(frame_cache_bytes, frame_cache_frames)
         self._prefix = None  # (frame, prompt ids, llm.prefills) of the prompt rows in the cache
         self._token_table: TokenTable | None = None
         self._constraints: dict[tuple, ChoiceConstraint] = {}
@@ -193,21 +195,23 @@ class Pipeline:
                        num_threads: int | None = None, max_context: int | None = None,
                        max_tiles: int = 1, kv_feed: str = "auto", device_id: int | None = None,
                        frame_cache_bytes: int = DEFAULT_FRAME_CACHE_BYTES,
-                       **paths) -> Pipeline:
+                       frame_cache_frames: int | None = None, **paths) -> Pipeline:
         """Discover and load a model dir. `paths` may override roles: config, tokenizer,
         layers, post, vit, embeddings (see core.modeldir.discover). `kv_feed` (auto, full,
         rows): how the NPU layers get the KV cache (core/kvfeed.py; `pipe.kv_feed` tells what
-        is used); `device_id`: the Axera M.2 card (axengine backend)."""
+        is used); `device_id`: the Axera M.2 card (axengine backend); `frame_cache_bytes` and
+        `frame_cache_frames`: the bounds of the frame cache (core/framecache.py)."""
         from ..backends import get_backend
 
         check_max_context(max_context)  # before anything loads
         check_kv_feed(kv_feed)
-        FrameCache(frame_cache_bytes)  # validates
+        FrameCache(frame_cache_bytes, frame_cache_frames)  # validates
         model_dir = load_model_dir(path, backend, **paths)
         impl = get_backend(backend, provider=provider, num_threads=num_threads,
                            device_id=device_id)
         return cls(model_dir, impl, max_context=max_context, max_tiles=max_tiles,
-                   kv_feed=kv_feed, frame_cache_bytes=frame_cache_bytes)
+                   kv_feed=kv_feed, frame_cache_bytes=frame_cache_bytes,
+                   frame_cache_frames=frame_cache_frames)
 
     # ------------------------------------------------------------------ properties
 

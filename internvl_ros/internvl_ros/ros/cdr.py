@@ -21,6 +21,7 @@ import struct
 from dataclasses import dataclass
 
 ENCAPSULATIONS = {b"\x00\x00": ">", b"\x00\x01": "<"}  # CDR_BE, CDR_LE
+ENCAPSULATION_BYTES = 4  # representation id (2 bytes) and options (2 bytes)
 MAX_TAIL_PADDING = 3  # some RMWs round the payload up to a multiple of 4
 
 
@@ -68,7 +69,7 @@ class _Reader:
     """Sequential reader over a CDR body (offsets are relative to the body's start)."""
 
     def __init__(self, raw: bytes):
-        if len(raw) < 4:
+        if len(raw) < ENCAPSULATION_BYTES:
             raise CdrError(f"{len(raw)} bytes: too short for a CDR encapsulation header")
         order = ENCAPSULATIONS.get(bytes(raw[:2]))
         if order is None:
@@ -76,7 +77,7 @@ class _Reader:
         self.raw = raw
         self.view = memoryview(raw)
         self.order = order
-        self.pos = 4  # absolute offset; alignment is relative to 4
+        self.pos = ENCAPSULATION_BYTES  # absolute offset; alignment is relative to it
 
     def _align(self, n: int) -> None:
         self.pos += (-(self.pos - 4)) % n

@@ -26,6 +26,23 @@ from internvl_ros.ros.worker import RequestError
 WARN_PERIOD_S = 5.0  # bad-frame warnings: at most one per kind per period
 
 
+def deserialize(raw: bytes, msg_type):
+    """rclpy's ``deserialize_message``, for frames that are not plain CDR: the message, or
+    ``BadFrameError('corrupt')``.
+
+    Bytes holding nothing past the 4-byte encapsulation header never reach it: Fast CDR (in
+    Kilted and Jazzy) crashes the whole process on such a payload when its option bytes ask for
+    padding (``00 00 00 03``; found by test_fuzz_frames), and no Image or CompressedImage is that
+    short in any encoding."""
+    if len(raw) <= cdr.ENCAPSULATION_BYTES:
+        raise image_conv.BadFrameError(
+            "corrupt", f"{len(raw)} bytes: no message after the encapsulation header")
+    try:
+        return deserialize_message(raw, msg_type)
+    except Exception as e:
+        raise image_conv.BadFrameError("corrupt", f"cannot deserialize the message: {e}") from e
+
+
 def copy_header(h) -> Header:
     """A std_msgs/Header from a Header or a cdr.HeaderView."""
     out = Header(frame_id=h.frame_id)
@@ -129,10 +146,9 @@ class FrameStore:
                 self._log.info(f"frames on {self.topic} are not plain CDR ({e}); deserializing "
                                f"each one instead")
             try:
-                view = deserialize_message(raw, self.msg_type)
-            except Exception as e2:
-                self.drop(image_conv.BadFrameError(
-                    "corrupt", f"cannot deserialize the message: {e2}"), self.topic)
+                view = deserialize(raw, self.msg_type)
+            except image_conv.BadFrameError as e2:
+                self.drop(e2, self.topic)
                 return None
         try:
             info = image_conv.check_frame(view, max_dim)

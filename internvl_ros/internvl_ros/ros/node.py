@@ -53,8 +53,16 @@ class ModelLoadError(Exception):
     """The model could not be loaded; the message names the file and what to do."""
 
 
+# The frames a request can name again: the latest of each camera (a request always takes a
+# camera's newest frame, and a newer one replaces it for good), with one to spare for a frame
+# replaced while a request on it is still queued. More would only fill frame_cache_mb with
+# frames nobody can ask about (the soak's memory growth, issue 16).
+CACHED_FRAMES_PER_CAMERA = 2
+
+
 def load_pipeline(model_dir: str, backend: str, provider: str, num_threads: int, max_tiles: int,
-                  kv_feed: str = "auto", device_id: int = -1, frame_cache_mb: int = 64):
+                  kv_feed: str = "auto", device_id: int = -1, frame_cache_mb: int = 64,
+                  frame_cache_frames: int | None = None):
     """Pipeline.from_model_dir, with errors turned into one actionable ModelLoadError."""
     if not model_dir:
         raise ModelLoadError(
@@ -73,6 +81,7 @@ def load_pipeline(model_dir: str, backend: str, provider: str, num_threads: int,
             kv_feed=kv_feed,
             device_id=None if device_id < 0 else device_id,
             frame_cache_bytes=frame_cache_mb << 20,
+            frame_cache_frames=frame_cache_frames,
         )
     except InternVLError as e:  # the core's messages name the file and the fix
         raise ModelLoadError(f"cannot load the model from model_dir '{model_dir}': {e}") from e
@@ -167,7 +176,8 @@ class InternVLNode(LifecycleNode):
             pipeline = self._loader(model_dir, backend, self._p("provider"),
                                     self._p("num_threads"), self._p("max_tiles"),
                                     self._p("kv_feed"), self._p("device_id"),
-                                    self._p("frame_cache_mb"))
+                                    self._p("frame_cache_mb"),
+                                    CACHED_FRAMES_PER_CAMERA * len(self.cameras.names))
         except Exception as e:  # ModelLoadError names the file and the fix; anything else is a bug
             why = str(e) if isinstance(e, ModelLoadError) else f"{type(e).__name__}: {e}"
             self.load_error = why

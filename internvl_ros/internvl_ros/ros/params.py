@@ -105,9 +105,10 @@ PARAMS: tuple[Param, ...] = (
     Param("device_id", -1, "Axera M.2 card (AXCLRTExecutionProvider) to run on; -1 uses the "
           "default device (the board's NPU, or the first card).", MODEL, read_only=True, lo=-1,
           hi=255),
-    Param("frame_cache_mb", 64, "Memory (MiB) for the vision embeddings of recent frames, so a "
-          "later request on a frame already encoded skips the ViT (1 MiB per tile for "
-          "InternVL3.5-1B); 0 turns it off.", MODEL, read_only=True, lo=0, hi=4096),
+    Param("frame_cache_mb", 64, "Memory (MiB) for the vision embeddings of recent frames (at "
+          "most the latest two of each camera), so a later request on a frame already encoded "
+          "skips the ViT (1 MiB per tile for InternVL3.5-1B); 0 turns it off.", MODEL,
+          read_only=True, lo=0, hi=4096),
     # --- image intake: read at start-up only
     Param("image_transport", "raw", "raw subscribes to 'image' (sensor_msgs/Image); compressed "
           "to 'image/compressed' (sensor_msgs/CompressedImage, jpeg or png).", IMAGES,
