@@ -47,6 +47,7 @@ ensure_import_path()
 CAMERA = "/soak/camera/image"
 NODES = {"raw": "", "compressed": "/cmp"}  # name -> namespace
 SAMPLE_S = 10.0
+FLOOR_WINDOW_S = 60.0  # the RSS slope is fitted to the lowest sample of each minute
 MAX_NEW_TOKENS = 24
 REQUEST_TIMEOUT = 30.0
 SERVICE_MEAN_GAP_S = 4.0  # per client (3 clients)
@@ -416,6 +417,23 @@ def slope_per_hour(ts: list[float], ys: list[float]) -> float:
     return float(np.polyfit(np.asarray(ts), np.asarray(ys), 1)[0] * 3600.0)
 
 
+def floors(ts: list[float], ys: list[float], window: float = FLOOR_WINDOW_S):
+    """The lowest value in each full `window` of seconds from ts[0]: (window middles, floors).
+    A request in flight when a sample is taken adds its working memory (a decoded frame, image
+    tiles, logits: several MB) to that sample; the floor of each minute is what stays."""
+    if not ts:
+        return [], []
+    out_t, out_y = [], []
+    start = ts[0]
+    while start + window <= ts[-1] + SAMPLE_S / 2:
+        vals = [y for t, y in zip(ts, ys, strict=True) if start <= t < start + window]
+        if vals:
+            out_t.append(start + window / 2)
+            out_y.append(min(vals))
+        start += window
+    return out_t, out_y
+
+
 def percentile(xs: list[float], q: float) -> float:
     return float(np.percentile(xs, q)) if xs else float("nan")
 
@@ -442,12 +460,16 @@ def summarise(samples: list[dict], ledger: Ledger, duration: float, warmup: floa
     for name in NODES:
         ts = [s["t"] for s in after]
         rss = [s["nodes"][name]["rss_mb"] for s in after]
+        anon = [s["nodes"][name]["rss_anon_mb"] for s in after]
+        ft, frss = floors(ts, rss)
         nodes[name] = {
             "rss_start_mb": samples[0]["nodes"][name]["rss_mb"],
             "rss_end_mb": samples[-1]["nodes"][name]["rss_mb"],
-            "rss_slope_mb_per_hour": slope_per_hour(ts, rss),
-            "rss_anon_slope_mb_per_hour": slope_per_hour(
-                ts, [s["nodes"][name]["rss_anon_mb"] for s in after]),
+            # the slope of the per-minute floors (see floors()); every sample's fit beside it
+            "rss_slope_mb_per_hour": slope_per_hour(ft, frss),
+            "rss_anon_slope_mb_per_hour": slope_per_hour(*floors(ts, anon)),
+            "rss_samples_slope_mb_per_hour": slope_per_hour(ts, rss),
+            "rss_floors_mb": [round(y, 1) for y in frss],
             "fd_growth": after[-1]["nodes"][name]["fds"] - after[0]["nodes"][name]["fds"],
             "thread_growth": (after[-1]["nodes"][name]["threads"]
                               - after[0]["nodes"][name]["threads"]),
@@ -470,9 +492,11 @@ def summarise(samples: list[dict], ledger: Ledger, duration: float, warmup: floa
                                        2),
         "rss_anon_slope_mb_per_hour": round(max(n["rss_anon_slope_mb_per_hour"]
                                                 for n in nodes.values()), 2),
-        "rss_slope_sum_mb_per_hour": round(slope_per_hour(
+        "rss_samples_slope_mb_per_hour": round(max(n["rss_samples_slope_mb_per_hour"]
+                                                   for n in nodes.values()), 2),
+        "rss_slope_sum_mb_per_hour": round(slope_per_hour(*floors(
             [s["t"] for s in after],
-            [sum(s["nodes"][n]["rss_mb"] for n in NODES) for s in after]), 2),
+            [sum(s["nodes"][n]["rss_mb"] for n in NODES) for s in after])), 2),
         "fd_growth": sum(n["fd_growth"] for n in nodes.values()),  # after the warm-up
         "thread_growth": sum(n["thread_growth"] for n in nodes.values()),
         "p50_latency_s": round(percentile(lat_ok, 50), 3),
@@ -509,10 +533,12 @@ def table(res: dict) -> str:
             ("lost", res["lost"], "0"), ("duplicates", res["duplicates"], "0"),
             ("rss_start_mb (both nodes)", res["rss_start_mb"], ""),
             ("rss_end_mb (both nodes)", res["rss_end_mb"], ""),
-            ("rss_slope_mb_per_hour (fastest-growing node)", res["rss_slope_mb_per_hour"],
-             "< 5"),
-            ("rss_anon_slope_mb_per_hour (anonymous memory only)",
+            ("rss_slope_mb_per_hour (fastest-growing node, per-minute floors)",
+             res["rss_slope_mb_per_hour"], "< 5"),
+            ("rss_anon_slope_mb_per_hour (anonymous memory only, floors)",
              res["rss_anon_slope_mb_per_hour"], ""),
+            ("rss_samples_slope_mb_per_hour (every sample)",
+             res["rss_samples_slope_mb_per_hour"], ""),
             ("fd_growth", res["fd_growth"], "0"), ("thread_growth", res["thread_growth"], "0"),
             ("p50 / p95 / p99 answer latency (s)",
              f"{res['p50_latency_s']} / {res['p95_latency_s']} / {res['p99_latency_s']}", ""),

@@ -17,7 +17,7 @@ import rclpy.logging
 from rclpy.executors import ExternalShutdownException
 
 from internvl_ros.core.errors import ConfigError
-from internvl_ros.ros import compat, params
+from internvl_ros.ros import allocator, compat, params
 from internvl_ros.ros.node import NODE_NAME, SUCCESS, InternVLNode, ModelLoadError
 from internvl_ros.ros.shutdown import (
     EXECUTOR_SHUTDOWN_S,
@@ -43,6 +43,7 @@ def main(args=None) -> int:
     sending), destroys the node and releases the model once the worker has exited. A second
     signal skips the wait for the answers. All of it stays within STOP_BUDGET_S.
     """
+    malloc_line = allocator.tune()  # before rclpy starts any thread
     compat.init(args)
     node = None
     executor = None
@@ -67,6 +68,7 @@ def main(args=None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         node = InternVLNode()
+        node.get_logger().info(malloc_line)
         if node.get_parameter("autostart").value:
             autostart(node)
         else:
