@@ -14,7 +14,6 @@ from internvl_ros.core.errors import (
 )
 from internvl_ros.core.llm import LanguageModel
 from internvl_ros.core.modeldir import load_model_dir
-from internvl_ros.export.testing import tiny_model_dirs
 
 
 class Recorder:
@@ -33,15 +32,9 @@ class Recorder:
 
 
 @pytest.fixture(scope="module")
-def host_dir():
-    return tiny_model_dirs("a")[1]
-
-
-@pytest.fixture(scope="module")
-def axera_dir(host_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("axera")
-    fake_axengine.make_fake_axera_dir(host_dir, root, kv_cache_len=300, max_prefill=256)
-    return root
+def axera_limits():
+    """conftest's axera_dir with these limits (the tests below count slices against them)."""
+    return {"kv_cache_len": 300, "max_prefill": 256}
 
 
 def load(root, backend, **kw):
