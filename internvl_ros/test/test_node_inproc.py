@@ -502,7 +502,6 @@ def test_markup_in_a_text_answer_becomes_detections_in_request_image_pixels(make
         deltas=("a <ref>cup</ref>", "<box>[[0, 0, 500, 1000]]</box>", " <box>[[1, 2]]</box>")))
     resp = node.describer._on_service(Describe.Request(prompt="x", image=rgb_image()),
                                       Describe.Response())
-    node._pending.done()  # (no executor sends this response)
     assert resp.success and resp.caption == "a cup"
     assert [(d.label, d.x_min, d.y_min, d.x_max, d.y_max) for d in resp.detections] == [
         ("cup", 0.0, 0.0, 4.0, 8.0)]
@@ -544,6 +543,41 @@ def test_bad_camera_names_fail_at_start_up(own_context, names, why):
     with pytest.raises(ConfigError, match=why):
         node_mod.InternVLNode(pipeline_loader=lambda *a: None, context=own_context,
                               parameter_overrides=[Parameter("cameras", value=names)])
+
+
+def test_counting_service_counts_a_request_until_its_response_is_sent(own_context):
+    """compat.create_counting_service: a request counts in `pending` from the start of its
+    callback until the executor has sent the response; one whose callback raises (nothing is
+    sent) stops counting at once. Shutdown waits on this count."""
+    from rclpy.executors import SingleThreadedExecutor
+
+    pending = compat.Pending()
+    seen = []
+
+    def callback(req, resp):
+        seen.append(pending.count)
+        if req.prompt == "boom":
+            raise RuntimeError("boom")
+        resp.success = True
+        return resp
+
+    n = rclpy.create_node("counting_service", context=own_context)
+    executor = SingleThreadedExecutor(context=own_context)
+    try:
+        srv = compat.create_counting_service(n, Describe, "~/counted", callback, pending)
+        cli = n.create_client(Describe, "~/counted")
+        executor.add_node(n)
+        assert cli.wait_for_service(timeout_sec=10)
+        fut = cli.call_async(Describe.Request(prompt="x"))
+        executor.spin_until_future_complete(fut, timeout_sec=30)
+        assert fut.done() and fut.result().success
+        assert seen == [1] and pending.count == 0
+        with pytest.raises(RuntimeError, match="boom"):
+            srv.callback(Describe.Request(prompt="boom"), Describe.Response())
+        assert seen == [1, 1] and pending.count == 0
+    finally:
+        executor.shutdown(timeout_sec=2.0)
+        n.destroy_node()
 
 
 def test_every_private_rclpy_hook_exists_on_this_rclpy():
