@@ -33,9 +33,8 @@ from common import (
     bench_image,
     ensure_import_path,
     peak_rss_bytes,
-    read_json,
+    serve_worker,
     wrap_pipeline,
-    write_json,
 )
 
 ensure_import_path()
@@ -264,13 +263,7 @@ def markdown(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 3 or argv[0] not in TASKS:
-        print(f"usage: ask.py {'|'.join(TASKS)} ARGS.json OUT.json", file=sys.stderr)
-        return 2
-    task, in_path, out_path = argv
-    write_json(out_path, TASKS[task](read_json(in_path)))
-    return 0
+    return serve_worker(TASKS, "ask.py", argv)
 
 
 if __name__ == "__main__":

@@ -34,9 +34,8 @@ from common import (
     disable_eos,
     ensure_import_path,
     peak_rss_bytes,
-    read_json,
+    serve_worker,
     wrap_pipeline,
-    write_json,
 )
 
 ensure_import_path()
@@ -326,14 +325,7 @@ TASKS = {"ours": task_ours, "hf": task_hf, "npu": task_npu, "agree": task_agree}
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 3 or argv[0] not in TASKS:
-        print(f"usage: measure.py {'|'.join(TASKS)} ARGS.json OUT.json", file=sys.stderr)
-        return 2
-    task, in_path, out_path = argv
-    result = TASKS[task](read_json(in_path))
-    write_json(out_path, result)
-    return 0
+    return serve_worker(TASKS, "measure.py", argv)
 
 
 if __name__ == "__main__":

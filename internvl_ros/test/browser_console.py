@@ -28,9 +28,11 @@ import time
 
 import pytest
 from test_console import ScriptedBackend, Served, png_bytes
-from test_node import NS_RAW, PROMPT, RAW_TOPIC, Client, NodeProcess, scene, wait_for, write_params
+from test_node import NS_RAW, PROMPT, RAW_TOPIC, Client, NodeProcess, scene, write_params
 
 from internvl_ros.export.testing import tiny_model_dirs
+
+from conftest import wait_for
 
 pytestmark = pytest.mark.filterwarnings("ignore:Deprecated in favor of:DeprecationWarning")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",

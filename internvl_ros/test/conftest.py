@@ -17,6 +17,8 @@ import importlib.util
 import itertools
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -154,6 +156,79 @@ def rclpy_context(ros_domain):
     rclpy.try_shutdown()
 
 
+@pytest.fixture(scope="module")
+def own_context(ros_domain):
+    """An rclpy context of its own (not the default one) on the module's domain, for nodes made
+    in the test's process; shut down afterwards."""
+    import rclpy
+
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=ros_domain)
+    yield context
+    rclpy.try_shutdown(context=context)
+
+
 @pytest.fixture(scope="session")
 def python_exe() -> str:
     return sys.executable
+
+
+# ---------------------------------------------------------------------------------------------
+# the tiny model, on both backends
+
+
+@pytest.fixture(scope="module")
+def host_dir() -> Path:
+    """Tiny model "a" exported for onnxruntime (built once per machine, then cached)."""
+    from internvl_ros.export.testing import tiny_model_dirs
+
+    return tiny_model_dirs("a")[1]
+
+
+@pytest.fixture(scope="module")
+def axera_limits() -> dict:
+    """The axengine double's limits for `axera_dir`: smaller than the published build's
+    (2047 / 1152), so that a test reaches them with short prompts. A module overrides this
+    fixture for other limits."""
+    return {"kv_cache_len": 511, "max_prefill": 512}
+
+
+@pytest.fixture(scope="module")
+def axera_dir(host_dir, axera_limits, tmp_path_factory) -> Path:
+    """`host_dir` laid out as the AXERA-TECH download, for the axengine double
+    (backends/fake_axengine.py), with `axera_limits`."""
+    from internvl_ros.backends import fake_axengine
+
+    root = tmp_path_factory.mktemp("axera")
+    fake_axengine.make_fake_axera_dir(host_dir, root, **axera_limits)
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
+# waiting on rclpy futures and on conditions (tests over DDS)
+
+CALL_TIMEOUT = 60.0
+
+
+def answered(fut, timeout: float) -> bool:
+    """Whether an rclpy future is done within `timeout` seconds (waits on its callback, so it
+    works while another thread spins)."""
+    done = threading.Event()
+    fut.add_done_callback(lambda _: done.set())
+    return done.wait(timeout)
+
+
+def wait_future(fut, timeout: float = CALL_TIMEOUT):
+    """The result of an rclpy future; AssertionError if there is none within `timeout` s."""
+    assert answered(fut, timeout), f"no answer within {timeout} s"
+    return fut.result()
+
+
+def wait_for(pred, timeout: float, what: str) -> None:
+    """Poll `pred()` every 50 ms until it is true; AssertionError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

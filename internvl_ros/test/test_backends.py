@@ -13,21 +13,8 @@ from internvl_ros.backends import BACKENDS, fake_axengine, get_backend
 from internvl_ros.backends.axengine_backend import AxEngineSession
 from internvl_ros.core.errors import BackendError, ConfigError, ModelDirError
 from internvl_ros.core.modeldir import discover
-from internvl_ros.export.testing import tiny_model_dirs
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
-
-
-@pytest.fixture(scope="module")
-def host_dir():
-    return tiny_model_dirs("a")[1]
-
-
-@pytest.fixture(scope="module")
-def axera_dir(host_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("axera")
-    fake_axengine.make_fake_axera_dir(host_dir, root, kv_cache_len=511, max_prefill=512)
-    return root
 
 
 def test_registry_is_lazy():

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, wait_for
 
 MAX_NEW_TOKENS = 12
 PROMPT = "What is in front of the robot?"
@@ -166,6 +166,82 @@ def test_record_writes_images_and_captions(tmp_path, node):
     src = _frames_of(bag, RAW_TOPIC)
     assert sorted((m.header.stamp.sec, m.header.stamp.nanosec) for m in stamped) == \
         [(f.stamp_sec, f.stamp_nanosec) for f in src]
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _start_replay(tmp_path, bag: Path, *args: str, sigint_ignored=False) -> subprocess.Popen:
+    """internvl-bag-replay in the background, stdout and stderr to files (see _outputs);
+    `sigint_ignored`: started as `internvl-bag-replay ... &` in a script starts it."""
+    with open(tmp_path / "stdout", "w") as out, open(tmp_path / "stderr", "w") as err:
+        return subprocess.Popen(["internvl-bag-replay", str(bag), *args], stdout=out,
+                                stderr=err, cwd=REPO_ROOT, stdin=subprocess.DEVNULL,
+                                preexec_fn=_ignore_sigint if sigint_ignored else None)
+
+
+def _outputs(tmp_path, proc: subprocess.Popen) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of a _start_replay process (killed after 30 s)."""
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    return proc.returncode, (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
+
+
+@pytest.mark.parametrize("sig, sigint_ignored", [
+    (signal.SIGINT, False), (signal.SIGINT, True), (signal.SIGTERM, False)],
+    ids=["ctrl-c", "sigint-to-a-background-job", "sigterm"])
+def test_interrupting_a_looping_replay_is_a_clean_exit(tmp_path, node, sig, sigint_ignored):
+    """Ctrl-C during --loop (the bag replayed a second time, the node answering): one line, exit
+    status 130, no traceback; the --record bag is closed and readable, the summary printed.
+    Also SIGINT to a replay started with SIGINT ignored (a background job of a script, or of
+    `make demo` run that way, which stops its --loop replay with SIGINT), and SIGTERM."""
+    from rosbags.highlevel import AnyReader
+
+    from internvl_ros.tools.demo_bag import RAW_TOPIC, write_demo_bag
+
+    bag = write_demo_bag(tmp_path / "loop_src", frames=3, fps=10, storage="mcap",
+                         kinds=("raw",))
+    out, out_bag = tmp_path / "loop.jsonl", tmp_path / "recorded"
+    proc = _start_replay(tmp_path, bag, "--node", node, "--loop", "--describe-every", "1",
+                         "--rate", "5", "--output", str(out), "--record", str(out_bag),
+                         sigint_ignored=sigint_ignored)
+    try:
+        # a fourth caption: the replay is in its second pass through the bag
+        wait_for(lambda: out.is_file() and len(out.read_text().splitlines()) >= 4
+                 or proc.poll() is not None, 120, "the replay to loop")
+        assert proc.poll() is None, _outputs(tmp_path, proc)
+        proc.send_signal(sig)
+    finally:
+        status, stdout, stderr = _outputs(tmp_path, proc)
+    assert status == 130, stdout + stderr
+    assert "Traceback" not in stdout + stderr and "Exception" not in stderr, stderr
+    assert "internvl-bag-replay: interrupted" in stderr.splitlines()
+    assert "median TTFT" in stdout
+    with AnyReader([out_bag]) as reader:
+        counts = {name: info.msgcount for name, info in reader.topics.items()}
+    assert counts[RAW_TOPIC] >= 4, counts
+
+
+@pytest.mark.parametrize("sigint_ignored", [False, True], ids=["ctrl-c", "background-job"])
+def test_sigint_while_waiting_for_the_node_is_a_clean_exit(tmp_path, ros_domain, sigint_ignored):
+    from internvl_ros.tools.demo_bag import RAW_TOPIC, write_demo_bag
+
+    bag = write_demo_bag(tmp_path / "b", frames=2, storage="mcap", kinds=("raw",))
+    proc = _start_replay(tmp_path, bag, "--topic", RAW_TOPIC, "--node", "/nobody_here",
+                         "--loop", "--timeout", "60", sigint_ignored=sigint_ignored)
+    try:
+        time.sleep(3)  # started rclpy, waiting for /nobody_here/describe
+        assert proc.poll() is None, _outputs(tmp_path, proc)
+        proc.send_signal(signal.SIGINT)
+    finally:
+        status, stdout, stderr = _outputs(tmp_path, proc)
+    assert status == 130, stdout + stderr
+    assert "Traceback" not in stdout + stderr and "Exception" not in stderr, stderr
+    assert "internvl-bag-replay: interrupted" in stderr.splitlines()
 
 
 def test_missing_bag_is_a_clear_error(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tiny_pipes import Recorder
 
 from internvl_ros.backends import fake_axengine, get_backend
 from internvl_ros.core.errors import (
@@ -14,34 +15,12 @@ from internvl_ros.core.errors import (
 )
 from internvl_ros.core.llm import LanguageModel
 from internvl_ros.core.modeldir import load_model_dir
-from internvl_ros.export.testing import tiny_model_dirs
-
-
-class Recorder:
-    """Wraps a Session and records (shape_group, {input: shape}) of every run."""
-
-    def __init__(self, session):
-        self._s = session
-        self.calls = []
-
-    def __getattr__(self, name):
-        return getattr(self._s, name)
-
-    def run(self, output_names, feed, shape_group=0):
-        self.calls.append((shape_group, {k: v.shape for k, v in feed.items()}))
-        return self._s.run(output_names, feed, shape_group=shape_group)
 
 
 @pytest.fixture(scope="module")
-def host_dir():
-    return tiny_model_dirs("a")[1]
-
-
-@pytest.fixture(scope="module")
-def axera_dir(host_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("axera")
-    fake_axengine.make_fake_axera_dir(host_dir, root, kv_cache_len=300, max_prefill=256)
-    return root
+def axera_limits():
+    """conftest's axera_dir with these limits (the tests below count slices against them)."""
+    return {"kv_cache_len": 300, "max_prefill": 256}
 
 
 def load(root, backend, **kw):

@@ -17,14 +17,8 @@ from internvl_ros.core.errors import (
     ModelDirError,
     PromptTooLongError,
 )
-from internvl_ros.export.testing import tiny_model_dirs
 
 Q = "What is in front of the robot?"
-
-
-@pytest.fixture(scope="module")
-def host_dir():
-    return tiny_model_dirs("a")[1]
 
 
 @pytest.fixture(scope="module")

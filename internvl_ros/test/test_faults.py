@@ -21,7 +21,6 @@ import pytest
 from internvl_ros.backends import fake_axengine, faulty
 from internvl_ros.core import GenerationConfig, Pipeline
 from internvl_ros.core.errors import BackendError
-from internvl_ros.export.testing import tiny_model_dirs
 
 PROMPT = "What is in front of the robot?"
 TOKENS = 6
@@ -31,18 +30,6 @@ BACKENDS = ["onnxruntime", "axengine"]
 def picture() -> np.ndarray:
     yy, xx = np.mgrid[0:96, 0:128]
     return np.stack([xx * 2, yy * 2, (xx + yy)], -1).astype(np.uint8)  # (96, 128, 3)
-
-
-@pytest.fixture(scope="module")
-def host_dir():
-    return tiny_model_dirs("a")[1]
-
-
-@pytest.fixture(scope="module")
-def axera_dir(host_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("axera")
-    fake_axengine.make_fake_axera_dir(host_dir, root, kv_cache_len=511, max_prefill=512)
-    return root
 
 
 @pytest.fixture(params=BACKENDS)

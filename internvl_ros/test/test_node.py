@@ -38,6 +38,8 @@ from internvl_ros_interfaces.action import Describe as DescribeAction
 from internvl_ros_interfaces.msg import Caption
 from internvl_ros_interfaces.srv import Describe
 
+from conftest import CALL_TIMEOUT, answered, wait_for, wait_future
+
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Deprecated in favor of:DeprecationWarning"  # rclpy logs incompatible QoS with warn()
 )
@@ -49,7 +51,6 @@ MAX_NEW_TOKENS = 16
 RAW_TOPIC = "/test/camera/image_raw"
 CMP_BASE = "/test/cam2/image"  # the compressed node reads CMP_BASE + "/compressed"
 NS_RAW, NS_CMP = "", "/cmp"  # node A: /internvl ; node B: /cmp/internvl
-CALL_TIMEOUT = 60.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,20 +259,18 @@ class Client:
         rclpy.try_shutdown(context=self.ctx)
 
 
-def wait_future(fut, timeout: float = CALL_TIMEOUT):
-    done = threading.Event()
-    fut.add_done_callback(lambda _: done.set())
-    assert done.wait(timeout), f"no answer within {timeout} s"
-    return fut.result()
-
-
-def wait_for(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
+def fill_until_busy(call, futs: list) -> None:
+    """Send requests with `call()` until one is refused as busy with one generation running and
+    two requests waiting at the node: that proves the queue is full (a sleep would not: on a
+    loaded machine a request may not have arrived yet). A probe that is not refused has been
+    queued instead: it joins `futs`, to be answered like the others."""
+    while True:
+        probe = call()
+        if answered(probe, 0.5):
+            assert "busy: 1 generation running and 2 request(s) waiting" in \
+                probe.result().message, probe.result().message
             return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+        futs.append(probe)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,12 +330,7 @@ def nodes(tmp_path_factory, tiny, ros_domain):
                 assert time.monotonic() < deadline, f"no service:\n{proc.log()}"
             # Fast DDS drops a response to a client the node has not discovered yet ("failed
             # to send response (timeout)" in its log): ask until one answer arrives
-            while True:
-                done = threading.Event()
-                client.call_async(ns, prompt="warm-up").add_done_callback(
-                    lambda _, done=done: done.set())
-                if done.wait(2.0):
-                    break
+            while not answered(client.call_async(ns, prompt="warm-up"), 2.0):
                 assert time.monotonic() < deadline, f"no answer:\n{proc.log()}"
         yield {"a": a, "b": b, "client": client, "tmp": tmp}
     finally:
@@ -814,9 +808,7 @@ def test_lifecycle_transitions_over_the_standard_services(client, nodes, tiny, i
             assert cli.wait_for_service(timeout_sec=30), procs[ns].log()
             for _ in range(15):  # a response to a client not yet discovered is lost: ask again
                 fut = cli.call_async(req)
-                done = threading.Event()
-                fut.add_done_callback(lambda _, done=done: done.set())
-                if done.wait(2.0 if idempotent else CALL_TIMEOUT):
+                if answered(fut, 2.0 if idempotent else CALL_TIMEOUT):
                     return fut.result()
                 assert idempotent, f"no answer from {ns}/internvl/{name}"
             raise AssertionError(f"no answer from {ns}/internvl/{name}:\n{procs[ns].log()}")
@@ -883,18 +875,7 @@ def test_sigterm_answers_every_request_then_exits_zero(nodes):
     assert goal.accepted
     result = goal.get_result_async()
     futs.append(client.call_async(NS_RAW, **long))
-    # a busy refusal proves that one generation runs and two requests wait at the node (a sleep
-    # would not: on a loaded machine a request may not have arrived yet); a probe that is not
-    # refused has been queued instead, and must be answered like the others
-    while True:
-        probe = client.call_async(NS_RAW, **long)
-        done = threading.Event()
-        probe.add_done_callback(lambda _, done=done: done.set())
-        if done.wait(0.5):
-            assert "busy: 1 generation running and 2 request(s) waiting" in \
-                probe.result().message, probe.result().message
-            break
-        futs.append(probe)
+    fill_until_busy(lambda: client.call_async(NS_RAW, **long), futs)
     t0 = time.monotonic()
     assert a.stop(signal.SIGTERM) == 0
     assert time.monotonic() - t0 < 5.0  # within ros2 launch's SIGINT-to-SIGTERM delay

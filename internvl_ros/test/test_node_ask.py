@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import threading
 import time
 
 import pytest
@@ -23,12 +22,11 @@ from test_node import (
     Client,
     NodeProcess,
     _set_params,
+    fill_until_busy,
     node_command,
     raw_image,
     ros_env,
     scene,
-    wait_for,
-    wait_future,
     write_params,
 )
 
@@ -36,6 +34,8 @@ from internvl_ros.export.testing import tiny_model_dirs
 from internvl_ros_interfaces.action import Describe as DescribeAction
 from internvl_ros_interfaces.msg import Caption, Question
 from internvl_ros_interfaces.srv import Ask, Describe
+
+from conftest import answered, wait_for, wait_future
 
 pytestmark = pytest.mark.filterwarnings("ignore:Deprecated in favor of:DeprecationWarning")
 # own names: other test runs on this machine may share the ROS domain
@@ -74,12 +74,8 @@ def env(tmp_path_factory, tiny, ros_domain):
             assert node.alive(), f"node exited:\n{node.log()}"
             assert time.monotonic() < deadline, f"no ~/ask service:\n{node.log()}"
         # a response to a client the node has not discovered yet is lost: ask until one arrives
-        while True:
-            done = threading.Event()
-            ask_cli.call_async(Ask.Request(questions=[Question(prompt="warm-up")])) \
-                .add_done_callback(lambda _, done=done: done.set())
-            if done.wait(2.0):
-                break
+        warm_up = Ask.Request(questions=[Question(prompt="warm-up")])
+        while not answered(ask_cli.call_async(warm_up), 2.0):
             assert time.monotonic() < deadline, f"no answer:\n{node.log()}"
         client.start_stream(scene(1))
         wait_for(lambda: client.diagnostics(FQN).get("frames_received", "0") != "0", 10,
@@ -291,17 +287,7 @@ def test_sigterm_answers_a_running_ask(env):
     long = Ask.Request(questions=[Question(prompt=PROMPT, max_new_tokens=2000)] * 3,
                        max_frame_age=-1.0)
     futs = [env["ask"].call_async(long) for _ in range(3)]
-    # a busy refusal proves that one Ask runs and two wait at the node; a probe that is not
-    # refused has been queued instead, and must be answered like the others
-    while True:
-        probe = env["ask"].call_async(long)
-        done = threading.Event()
-        probe.add_done_callback(lambda _, done=done: done.set())
-        if done.wait(0.5):
-            assert "busy: 1 generation running and 2 request(s) waiting" in \
-                probe.result().message, probe.result().message
-            break
-        futs.append(probe)
+    fill_until_busy(lambda: env["ask"].call_async(long), futs)  # one Ask runs, two wait
     assert env["node"].stop(signal.SIGTERM) == 0
     answers = [wait_future(f, timeout=5) for f in futs]
     finished = [a for a in answers if a.message == "ok"]

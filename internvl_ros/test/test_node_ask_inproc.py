@@ -13,7 +13,6 @@ import time
 
 import numpy as np
 import pytest
-import rclpy
 from rclpy.parameter import Parameter
 from sensor_msgs.msg import Image
 
@@ -40,21 +39,13 @@ class SlowSession:
         return self.inner.run(*args, **kwargs)
 
 
-@pytest.fixture(scope="module")
-def ctx(ros_domain):
-    context = rclpy.Context()
-    rclpy.init(context=context, domain_id=ros_domain)
-    yield context
-    rclpy.try_shutdown(context=context)
-
-
 @pytest.fixture
-def make_node(ctx):
+def make_node(own_context):
     made = []
 
     def make(loader=None, start=True, **params):
         overrides = [Parameter(k, value=v) for k, v in params.items()]
-        n = node_mod.InternVLNode(pipeline_loader=loader, context=ctx,
+        n = node_mod.InternVLNode(pipeline_loader=loader, context=own_context,
                                   parameter_overrides=overrides)
         made.append(n)
         if start:

@@ -37,10 +37,11 @@ from internvl_ros_interfaces.action import Describe as DescribeAction
 from internvl_ros_interfaces.msg import Caption
 from internvl_ros_interfaces.srv import Describe
 
+from conftest import answered, wait_for, wait_future
+
 pytestmark = pytest.mark.filterwarnings("ignore:Deprecated in favor of:DeprecationWarning")
 FRONT_TOPIC = "/test/front_cam"
 REAR_TOPIC = "/rear/image"
-TIMEOUT = 60.0
 
 
 def scene(h: int, w: int, seed: int) -> np.ndarray:
@@ -218,28 +219,12 @@ class Client(Side):
             time.sleep(0.1)
 
     def describe(self, **fields) -> Describe.Response:
-        return wait(self.srv.call_async(Describe.Request(**fields)))
+        return wait_future(self.srv.call_async(Describe.Request(**fields)))
 
     def close(self):
         self._stop.set()
         self._stream.join()
         super().close()
-
-
-def wait(fut, timeout: float = TIMEOUT):
-    done = threading.Event()
-    fut.add_done_callback(lambda _: done.set())
-    assert done.wait(timeout), f"no answer within {timeout} s"
-    return fut.result()
-
-
-def wait_for(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -249,10 +234,7 @@ def client(ros_domain, node):
     # a response to a client the node has not discovered yet can be lost: warm up with an
     # idempotent request (an unknown camera fails at once) until one comes back
     for _ in range(40):
-        fut = c.srv.call_async(Describe.Request(camera="warm_up"))
-        done = threading.Event()
-        fut.add_done_callback(lambda _, done=done: done.set())
-        if done.wait(1.0):
+        if answered(c.srv.call_async(Describe.Request(camera="warm_up")), 1.0):
             break
     wait_for(lambda: node.cameras.stores["front"].latest() is not None
              and node.cameras.stores["rear"].latest() is not None, 20, "frames on both cameras")
@@ -355,10 +337,10 @@ def test_bad_markup_is_ignored_counted_and_the_answer_survives(client, node, pip
 def test_action_with_locate_ends_with_feedback_equal_to_the_result(client, pipe):
     pipe.script("<ref>a box</ref><box>[[500, 500, 1000, 1000]]</box>")
     feedback = []
-    goal = wait(client.action.send_goal_async(
+    goal = wait_future(client.action.send_goal_async(
         DescribeAction.Goal(locate="a box", camera="front", max_new_tokens=64),
         feedback_callback=lambda fb: feedback.append(fb.feedback)))
-    result = wait(goal.get_result_async()).result
+    result = wait_future(goal.get_result_async()).result
     assert result.success, result.message
     assert [(d.label, d.x_min, d.y_min) for d in result.detections] == [("a box", 320.0, 240.0)]
     wait_for(lambda: feedback and feedback[-1].text == result.caption, 5, "the last feedback")

@@ -112,16 +112,8 @@ class ScriptedPipeline:
 # fixtures
 
 
-@pytest.fixture(scope="module")
-def ctx(ros_domain):
-    context = rclpy.Context()
-    rclpy.init(context=context, domain_id=ros_domain)
-    yield context
-    rclpy.try_shutdown(context=context)
-
-
 @pytest.fixture
-def make_node(ctx):
+def make_node(own_context):
     made = []
 
     def make(pipeline=None, loader=None, start=True, **params):
@@ -129,8 +121,8 @@ def make_node(ctx):
         overrides = [Parameter("model_dir", value="/scripted"), Parameter("max_new_tokens",
                                                                           value=16)]
         overrides += [Parameter(k, value=v) for k, v in params.items()]
-        n = node_mod.InternVLNode(pipeline_loader=loader or (lambda *a: pipe), context=ctx,
-                                  parameter_overrides=overrides)
+        n = node_mod.InternVLNode(pipeline_loader=loader or (lambda *a: pipe),
+                                  context=own_context, parameter_overrides=overrides)
         made.append((n, pipe))
         if start:
             assert n.trigger_configure() == node_mod.SUCCESS
@@ -308,7 +300,7 @@ def test_close_releases_the_model_when_the_worker_is_idle(make_node):
     assert node.close(timeout=2) is True  # idempotent
 
 
-def test_executor_skips_a_subscription_destroyed_before_its_take(ctx, monkeypatch):
+def test_executor_skips_a_subscription_destroyed_before_its_take(own_context, monkeypatch):
     """Humble's executor takes without catching InvalidHandle (rclpy#1150 is not in Humble):
     emulate that in the base class, and NodeExecutor must still return "nothing to do"."""
     from rclpy.executors import MultiThreadedExecutor
@@ -320,11 +312,11 @@ def test_executor_skips_a_subscription_destroyed_before_its_take(ctx, monkeypatc
             return msg_info[0] if msg_info is not None else None
 
     monkeypatch.setattr(MultiThreadedExecutor, "_take_subscription", humble_take)
-    n = rclpy.create_node("take_race", context=ctx)
+    n = rclpy.create_node("take_race", context=own_context)
     try:
         sub = n.create_subscription(String, "take_race", lambda m: None, 1)
         n.destroy_subscription(sub)
-        executor = compat.NodeExecutor(num_threads=2, context=ctx)
+        executor = compat.NodeExecutor(num_threads=2, context=own_context)
         with pytest.raises(compat.InvalidHandle):
             humble_take(executor, sub)
         assert executor._take_subscription(sub) is None
@@ -510,7 +502,6 @@ def test_markup_in_a_text_answer_becomes_detections_in_request_image_pixels(make
         deltas=("a <ref>cup</ref>", "<box>[[0, 0, 500, 1000]]</box>", " <box>[[1, 2]]</box>")))
     resp = node.describer._on_service(Describe.Request(prompt="x", image=rgb_image()),
                                       Describe.Response())
-    node._pending.done()  # (no executor sends this response)
     assert resp.success and resp.caption == "a cup"
     assert [(d.label, d.x_min, d.y_min, d.x_max, d.y_max) for d in resp.detections] == [
         ("cup", 0.0, 0.0, 4.0, 8.0)]
@@ -528,12 +519,12 @@ def test_annotated_image_topics_single_and_named_cameras(make_node):
     assert off.outputs._pubs == {}
 
 
-def test_named_cameras_read_name_image_compressed_and_follow_their_remaps(ctx, make_node):
+def test_named_cameras_read_name_image_compressed_and_follow_their_remaps(own_context, make_node):
     node, _ = make_node(cameras=["front", "rear"], image_transport="compressed", start=False)
     assert {n: s.topic for n, s in node.cameras.stores.items()} == {
         "front": "/front/image/compressed", "rear": "/rear/image/compressed"}
     remapped = node_mod.InternVLNode(
-        pipeline_loader=lambda *a: None, context=ctx,
+        pipeline_loader=lambda *a: None, context=own_context,
         parameter_overrides=[Parameter("cameras", value=["front"]),
                              Parameter("image_transport", value="compressed")],
         cli_args=["--ros-args", "-r", "front/image:=/cam/f"])
@@ -548,10 +539,45 @@ def test_named_cameras_read_name_image_compressed_and_follow_their_remaps(ctx, m
                                         (["front/left"], "not a valid name"),
                                         ([""], "not a valid name"),
                                         ([1, 2], "not a valid name")])
-def test_bad_camera_names_fail_at_start_up(ctx, names, why):
+def test_bad_camera_names_fail_at_start_up(own_context, names, why):
     with pytest.raises(ConfigError, match=why):
-        node_mod.InternVLNode(pipeline_loader=lambda *a: None, context=ctx,
+        node_mod.InternVLNode(pipeline_loader=lambda *a: None, context=own_context,
                               parameter_overrides=[Parameter("cameras", value=names)])
+
+
+def test_counting_service_counts_a_request_until_its_response_is_sent(own_context):
+    """compat.create_counting_service: a request counts in `pending` from the start of its
+    callback until the executor has sent the response; one whose callback raises (nothing is
+    sent) stops counting at once. Shutdown waits on this count."""
+    from rclpy.executors import SingleThreadedExecutor
+
+    pending = compat.Pending()
+    seen = []
+
+    def callback(req, resp):
+        seen.append(pending.count)
+        if req.prompt == "boom":
+            raise RuntimeError("boom")
+        resp.success = True
+        return resp
+
+    n = rclpy.create_node("counting_service", context=own_context)
+    executor = SingleThreadedExecutor(context=own_context)
+    try:
+        srv = compat.create_counting_service(n, Describe, "~/counted", callback, pending)
+        cli = n.create_client(Describe, "~/counted")
+        executor.add_node(n)
+        assert cli.wait_for_service(timeout_sec=10)
+        fut = cli.call_async(Describe.Request(prompt="x"))
+        executor.spin_until_future_complete(fut, timeout_sec=30)
+        assert fut.done() and fut.result().success
+        assert seen == [1] and pending.count == 0
+        with pytest.raises(RuntimeError, match="boom"):
+            srv.callback(Describe.Request(prompt="boom"), Describe.Response())
+        assert seen == [1, 1] and pending.count == 0
+    finally:
+        executor.shutdown(timeout_sec=2.0)
+        n.destroy_node()
 
 
 def test_every_private_rclpy_hook_exists_on_this_rclpy():

@@ -118,9 +118,8 @@ class AskService:
     def create_interface(self, callback_group) -> None:
         """The service (once: it stays until the node is destroyed)."""
         if self._service is None:
-            self._service = self._node.create_service(
-                AskSrv, "~/ask", self._on_service, callback_group=callback_group)
-            compat.count_service_responses(self._service, self._pending)
+            self._service = compat.create_counting_service(
+                self._node, AskSrv, "~/ask", self._on_service, self._pending, callback_group)
 
     def build(self, req, source: str = SOURCE, on_delta=None) -> Request:
         """The worker's request: the image chosen as for Describe, the node's defaults applied
@@ -148,15 +147,9 @@ class AskService:
                 self._on_caption(Job(replace(job.request, prompt=prompt, run=None)), answer)
 
     def _on_service(self, req, resp):
-        self._pending.add()  # done when the response has been sent (count_service_responses)
-        try:
-            outcome = self._describer.serve(req, SOURCE, build=self.build,
-                                            on_caption=self.publish)
-            self._log(outcome)
-            return fill(resp, outcome)
-        except BaseException:
-            self._pending.done()  # no response will be sent
-            raise
+        outcome = self._describer.serve(req, SOURCE, build=self.build, on_caption=self.publish)
+        self._log(outcome)
+        return fill(resp, outcome)
 
     def _log(self, outcome: Outcome) -> None:
         self._describer._log_failure("ask", outcome)

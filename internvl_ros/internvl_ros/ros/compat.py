@@ -251,8 +251,27 @@ class CountingActionServer(ActionServer):
             self._pending.done()
 
 
+def create_counting_service(node, srv_type, name: str, callback, pending: Pending,
+                            callback_group=None):
+    """``node.create_service`` whose requests count in ``pending`` from the start of
+    ``callback`` until their response has been sent, or until ``callback`` raised (then no
+    response is sent); the service's counterpart of CountingActionServer."""
+
+    def counted(request, response):
+        pending.add()
+        try:
+            return callback(request, response)
+        except BaseException:
+            pending.done()  # no response will be sent
+            raise
+
+    service = node.create_service(srv_type, name, counted, callback_group=callback_group)
+    count_service_responses(service, pending)
+    return service
+
+
 def count_service_responses(service, pending: Pending) -> None:
-    """Report each response ``service`` sends to ``pending`` (the handler calls add()).
+    """Report each response ``service`` sends to ``pending`` (its callback called add()).
 
     The executor sends a service response after the callback returned (Humble to Kilted call
     ``Service.send_response``); counting until then lets shutdown wait for the send itself

@@ -127,9 +127,9 @@ class Describer:
         """The service and the action (once: they stay until the node is destroyed)."""
         if self._service is not None:
             return
-        self._service = self._node.create_service(
-            DescribeSrv, "~/describe", self._on_service, callback_group=callback_group)
-        compat.count_service_responses(self._service, self._pending)
+        self._service = compat.create_counting_service(
+            self._node, DescribeSrv, "~/describe", self._on_service, self._pending,
+            callback_group)
         self._action = compat.CountingActionServer(
             self._node,
             DescribeAction,
@@ -302,14 +302,9 @@ class Describer:
     # handlers
 
     def _on_service(self, req, resp):
-        self._pending.add()  # done when the response has been sent (count_service_responses)
-        try:
-            outcome = self.serve(req, "service")
-            self._log_failure("describe", outcome)
-            return fill(resp, outcome)
-        except BaseException:
-            self._pending.done()  # no response will be sent
-            raise
+        outcome = self.serve(req, "service")
+        self._log_failure("describe", outcome)
+        return fill(resp, outcome)
 
     def _on_action(self, goal_handle):
         with self._pending.held():

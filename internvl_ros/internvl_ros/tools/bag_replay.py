@@ -14,7 +14,8 @@ bag's timing (scaled by --rate) and their original header stamps, and drives the
 Each caption becomes one JSON line: source stamp, frame index, prompt, text and timings.
 
 Exit status: 0 ok; 2 bad arguments, or a missing or unreadable bag, or a missing topic;
-3 the node did not answer within --timeout; 130 interrupted.
+3 the node did not answer within --timeout; 130 interrupted (Ctrl-C or SIGTERM: the replay
+stops, --record and --output are closed, the summary is printed).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import array
 import dataclasses
 import json
 import queue
+import signal
 import statistics
 import sys
 import threading
@@ -503,8 +505,24 @@ def summary_table(records: list[dict], frames: int) -> str:
     return "\n".join(lines)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # Ctrl-C and SIGTERM stop the replay cleanly (rclpy's own handlers are off, see _replay);
+    # SIGINT also when this process was started with it ignored, as rclpy's handler did
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
+    try:
+        return _replay(args)
+    except KeyboardInterrupt:  # before the replay started, or a second one while cleaning up
+        print("\ninternvl-bag-replay: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _replay(args: argparse.Namespace) -> int:
     try:
         bag = ImageBag(args.bag, args.topic)
     except BagError as exc:
@@ -517,7 +535,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import rclpy
 
-    rclpy.init()
+    from internvl_ros.ros import compat
+
+    # Without rclpy's signal handlers: they would shut the context down under the replay (a
+    # traceback from the spin thread and one from the main thread); Ctrl-C is a
+    # KeyboardInterrupt here instead, answered below.
+    compat.init()
     replay = None
     status = EXIT_OK
     try:
