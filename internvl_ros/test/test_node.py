@@ -476,7 +476,6 @@ def _dropped(client, fqn) -> dict:
 
 def test_bad_raw_frames_are_dropped_and_logged(stream, nodes, references):
     client, node = stream, nodes["a"]
-    good = raw_image(scene(1))
     short = raw_image(scene(1))
     short.data = short.data[:-1000]
     unknown = raw_image(scene(1))
@@ -487,22 +486,36 @@ def test_bad_raw_frames_are_dropped_and_logged(stream, nodes, references):
     huge.data = array.array("B", bytes(8000))
     cases = {"size": [short], "encoding": [unknown], "empty": [zero_w, zero_h],
              "too_large": [huge]}
-    before = _dropped(client, "/internvl")
     client.stop_stream()
-    for msgs in cases.values():
-        for m in msgs:
-            client.raw_pub.publish(m)
-            time.sleep(0.15)
-    client.raw_pub.publish(good)
-    wait_for(lambda: all(_dropped(client, "/internvl").get(k, 0) >= before.get(k, 0) + len(m)
-                         for k, m in cases.items()), 8, "every bad frame counted as dropped")
-    log = node.log()
-    for kind in cases:
-        assert f"dropped a bad frame on {RAW_TOPIC} [{kind}]" in log
-    assert node.alive()
-    client.start_stream(scene(1))
+    try:
+        for kind, msgs in cases.items():
+            for m in msgs:
+                _send_until_dropped(client, client.raw_pub, node, "/internvl", kind, m)
+        log = node.log()
+        for kind in cases:
+            assert f"dropped a bad frame on {RAW_TOPIC} [{kind}]" in log
+        assert node.alive()
+    finally:  # the tests after this one need the stream, whatever happened here
+        client.start_stream(scene(1))
+    # the bad frames replaced nothing: the last good frame is stale until the stream is back
+    wait_for(lambda: client.describe(NS_RAW, prompt=PROMPT).success, 10, "a fresh good frame")
     r = client.describe(NS_RAW, prompt=PROMPT)
     assert r.success and r.caption == references("scene", PROMPT)
+
+
+def _send_until_dropped(client, pub, node, fqn: str, kind: str, msg) -> None:
+    """Publish a bad frame until the node has counted it as dropped [kind]. A reliable publisher
+    on a loaded machine can still lose a frame before the node's reader acknowledged it (seen
+    once on the board leg, which then failed every later test); the count is what is tested."""
+    want = _dropped(client, fqn).get(kind, 0) + 1
+    for _ in range(5):
+        pub.publish(msg)
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            if _dropped(client, fqn).get(kind, 0) >= want:
+                return
+    raise AssertionError(f"a bad frame [{kind}] sent 5 times was never counted as dropped by "
+                         f"{fqn}:\n{node.log()}")
 
 
 def test_bad_compressed_frames_are_dropped_and_the_next_request_succeeds(client, nodes, images,
@@ -510,19 +523,14 @@ def test_bad_compressed_frames_are_dropped_and_the_next_request_succeeds(client,
     node = nodes["b"]
     png = png_bytes(images["scene"][0])
     jpg = bytearray(jpeg_bytes(images["scene"][0]))
-    before = _dropped(client, "/cmp/internvl")
     bad = [
-        compressed_image(png[: len(png) // 2], "png"),  # truncated
-        compressed_image(bytes(range(256)) * 20, "jpeg"),  # garbage
-        compressed_image(b"GIF89a" + bytes(200), "gif"),  # unknown format
-        compressed_image(b"", "jpeg"),  # empty
+        ("corrupt", compressed_image(png[: len(png) // 2], "png")),  # truncated
+        ("corrupt", compressed_image(bytes(range(256)) * 20, "jpeg")),  # garbage
+        ("encoding", compressed_image(b"GIF89a" + bytes(200), "gif")),  # unknown format
+        ("empty", compressed_image(b"", "jpeg")),  # empty
     ]
-    for m in bad:
-        client.cmp_pub.publish(m)
-        time.sleep(0.15)
-    want = {"corrupt": 2, "encoding": 1, "empty": 1}
-    wait_for(lambda: all(_dropped(client, "/cmp/internvl").get(k, 0) >= before.get(k, 0) + n
-                         for k, n in want.items()), 8, "every bad compressed frame counted")
+    for kind, m in bad:
+        _send_until_dropped(client, client.cmp_pub, node, "/cmp/internvl", kind, m)
     # a JPEG whose header is sound but whose scan is broken passes intake and fails at decode
     jpg[jpg.index(b"\xff\xda") + 5] = 0x77
     received = int(client.diagnostics("/cmp/internvl")["frames_received"])  # counted the bad
