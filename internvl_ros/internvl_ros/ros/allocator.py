@@ -4,7 +4,7 @@ The node's process runs about 60 threads (DDS, the executor, the worker). glibc 
 to 8 arenas per core, each keeping the memory freed into it, and its dynamic mmap threshold
 moves large blocks (frames, logits, image tiles) from mmap onto those arenas once the first
 one is freed, where they stay. In the soak (issue 16, docs/RELIABILITY.md) the raw-camera node
-sat about 90 MB higher, and grew in steps, with glibc's defaults than with at most 2 arenas and
+sat about 110 MB higher, and grew in steps, with glibc's defaults than with at most 2 arenas and
 a fixed 256 KiB mmap threshold (blocks that large are mmapped and given back when freed).
 
 ``tune`` sets those two with ``mallopt`` before any thread starts. A setting the user makes
