@@ -242,34 +242,33 @@ def _click_cancel(page) -> None:
         pass
 
 
+def _ask_and_cancel(page, streaming: bool) -> None:
+    """Ask a long question and cancel it (once its text streams, or at once), up to 5 times
+    until the finish reason is `cancelled`; fails if it never is."""
+    finishes = []
+    for _ in range(5):
+        ask(page, PROMPT, max_tokens=1500, wait=False)
+        if streaming:
+            wait_js(page, f"{q('answer')}.textContent.length > 0")
+        _click_cancel(page)
+        page.wait_for_selector("[data-testid=answer][data-state=done]")
+        finishes.append(page.get_by_test_id("finish").text_content())
+        if finishes[-1] == "cancelled":
+            return
+    raise AssertionError(f"never cancelled in time: {finishes}")
+
+
 def test_cancel_stops_a_long_answer(page, ros):
     """Cancel while the answer streams. The tiny model writes 1500 tokens in about a second
     here, so a click can lose the race on a loaded machine: then (finish eos/length/context)
     try again; a cancel that never works fails."""
     open_console(page, ros["console"].url)
-    finishes = []
-    for _ in range(5):
-        ask(page, PROMPT, max_tokens=1500, wait=False)
-        wait_js(page, f"{q('answer')}.textContent.length > 0")
-        _click_cancel(page)
-        page.wait_for_selector("[data-testid=answer][data-state=done]")
-        finishes.append(page.get_by_test_id("finish").text_content())
-        if finishes[-1] == "cancelled":
-            break
-    assert finishes[-1] == "cancelled", f"never cancelled in time: {finishes}"
+    _ask_and_cancel(page, streaming=True)
     assert 1 <= int(page.get_by_test_id("tokens").text_content()) < 1500
     assert page.get_by_test_id("answer").text_content()  # the partial text stays
     assert page.get_by_test_id("send").is_enabled()
     # cancel before the question even started streaming (retried the same way)
-    finishes = []
-    for _ in range(5):
-        ask(page, PROMPT, max_tokens=1500, wait=False)
-        _click_cancel(page)
-        page.wait_for_selector("[data-testid=answer][data-state=done]")
-        finishes.append(page.get_by_test_id("finish").text_content())
-        if finishes[-1] == "cancelled":
-            break
-    assert finishes[-1] == "cancelled", f"never cancelled in time: {finishes}"
+    _ask_and_cancel(page, streaming=False)
     # the node is free again
     ask(page, PROMPT)
     assert page.get_by_test_id("finish").text_content() in ("eos", "length")
