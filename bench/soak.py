@@ -14,7 +14,10 @@ only uses its topics, service, action and /diagnostics.
   an oversized max_new_tokens.
 - Each request has a unique prompt, so every answer and every published caption
   (~/caption_stamped) is matched to its request: `lost` counts requests without an answer at
-  the end, `duplicates` second answers and captions published twice for one request.
+  the end, `duplicates` second answers and captions published twice for one request. The
+  request's number is written as separate digits ("soak 4 0 2: ..."): a GPT-2-style tokenizer,
+  like the tiny model's, caches up to 10,000 distinct words, and a number written whole would
+  be a new word in every request (InternVL's Qwen tokenizer splits digits anyway).
 - Every 10 s: each node's RSS, open fds, threads (from /proc), frames received and dropped
   (from /diagnostics), and the requests sent, answered, refused and failed so far.
 
@@ -88,7 +91,7 @@ class Ledger:
             rid = self._next
             self._next += 1
             self.reqs[rid] = Req(rid, kind, node, time.monotonic(), cancel)
-        return rid, f"soak#{rid}: what is in front of the robot?"
+        return rid, f"soak {' '.join(str(rid))}: what is in front of the robot?"
 
     def answer(self, rid: int, success: bool, message: str, finish: str = "") -> None:
         with self.lock:
@@ -100,8 +103,8 @@ class Ledger:
                 self.continuous_captions += 1
                 return
             prompt = msg.prompt
-            if prompt.startswith("soak#"):
-                rid = int(prompt[5:].split(":", 1)[0])
+            if prompt.startswith("soak "):
+                rid = int(prompt[5:].split(":", 1)[0].replace(" ", ""))
                 self.captions[rid] = self.captions.get(rid, 0) + 1
             else:
                 self.stray_captions += 1
@@ -169,7 +172,7 @@ def start_node(tmp: Path, name: str, model_dir: Path, env: dict,
         extra["image_transport"] = "compressed"
     params = write_params(tmp / f"{name}.yaml", model_dir, **extra)
     exe = shutil.which("internvl_node")
-    cmd = [exe] if exe else [sys.executable, "-m", "internvl_ros.ros.node"]
+    cmd = [exe] if exe else [sys.executable, "-m", "internvl_ros.ros.main"]
     cmd += ["--ros-args", "--params-file", str(params), "-r", f"image:={CAMERA}"]
     if ns:
         cmd += ["-r", f"__ns:={ns}"]

@@ -1,6 +1,7 @@
 """The node's malloc settings (ros/allocator.py): at most 2 glibc arenas however many threads
-allocate, and the user's own MALLOC_* variables left alone. Each case runs in a fresh process,
-since mallopt must come before the threads."""
+allocate, glibc's per-thread cache off (the node runs itself again with the tunable), and the
+user's own settings left alone. Each case runs in a fresh process, since mallopt must come before
+the threads and glibc reads its tunables only at start."""
 
 from __future__ import annotations
 
@@ -70,3 +71,115 @@ def test_the_users_own_settings_win():
     _, line = probe("tune", GLIBC_TUNABLES="glibc.malloc.mmap_threshold=1048576")
     assert line == ("malloc: MALLOC_ARENA_MAX=2, MALLOC_MMAP_THRESHOLD_ left to the "
                     "environment"), line
+
+
+# Started as the node would be (a script named internvl_node): restart_without_tcache, then
+# 7 small blocks are freed. With the per-thread cache on they stay in it (glibc counts them as
+# in use); with it off they go to the arena's fast bins, which mallinfo2 counts as free.
+NODE_PROBE = """
+import ctypes, os, sys
+print("start", os.getpid(), flush=True)
+from internvl_ros.ros import allocator
+allocator.restart_without_tcache()
+line = allocator.tune()
+class MI2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                "usmblks", "fsmblks", "uordblks", "fordblks",
+                                                "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MI2
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = (ctypes.c_size_t,)
+libc.free.argtypes = (ctypes.c_void_p,)
+blocks = [libc.malloc(72) for _ in range(7)]
+before = libc.mallinfo2().fsmblks
+for b in blocks:
+    libc.free(b)
+print(os.getpid())
+print(libc.mallinfo2().fsmblks - before)
+print(os.environ.get("GLIBC_TUNABLES", ""))
+print(line)
+"""
+
+
+def node_probe(tmp_path, name: str = "internvl_node", **env) -> dict:
+    script = tmp_path / name
+    script.write_text(NODE_PROBE)
+    full = {k: v for k, v in os.environ.items()
+            if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    out = subprocess.run([sys.executable, str(script)], env={**full, **env},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    starts = [line.split()[1] for line in lines if line.startswith("start ")]
+    rest = [line for line in lines if not line.startswith("start ")]
+    assert len(rest) == 4, out.stdout
+    return {"starts": starts, "pid": rest[0], "freed_to_fastbins": int(rest[1]),
+            "tunables": rest[2], "line": rest[3]}
+
+
+def test_the_node_restarts_itself_once_with_the_per_thread_cache_off(tmp_path):
+    r = node_probe(tmp_path)
+    assert r["tunables"] == "glibc.malloc.tcache_count=0", r
+    assert r["line"].endswith("glibc.malloc.tcache_count=0 (restarted with it)"), r
+    assert r["starts"] == [r["pid"], r["pid"]], r  # once more, as the same process (exec)
+    assert r["freed_to_fastbins"] >= 7 * 72, r  # the freed blocks are free, not cached
+
+
+def test_the_per_thread_cache_is_on_without_the_restart(tmp_path):
+    """The probe can fail: a program that is not the node keeps glibc's cache, and the freed
+    blocks stay in it."""
+    r = node_probe(tmp_path, name="some_other_program")
+    assert r["tunables"] == "" and "tcache" not in r["line"], r
+    assert r["starts"] == [r["pid"]], r
+    assert r["freed_to_fastbins"] == 0, r
+
+
+def test_the_users_own_tcache_setting_wins(tmp_path):
+    r = node_probe(tmp_path, GLIBC_TUNABLES="glibc.malloc.tcache_count=7:glibc.malloc.arena_max=3")
+    assert r["tunables"] == "glibc.malloc.tcache_count=7:glibc.malloc.arena_max=3", r
+    assert r["line"] == ("malloc: MALLOC_ARENA_MAX left to the environment, "
+                         "MALLOC_MMAP_THRESHOLD_=262144, glibc.malloc.tcache_count left to the "
+                         "environment"), r
+    assert r["starts"] == [r["pid"]], r
+    assert r["freed_to_fastbins"] == 0, r
+    # other tunables of the user's are kept, and the cache setting is added to them
+    r = node_probe(tmp_path, GLIBC_TUNABLES="glibc.malloc.mmap_threshold=1048576")
+    assert r["tunables"] == "glibc.malloc.mmap_threshold=1048576:glibc.malloc.tcache_count=0", r
+    assert r["freed_to_fastbins"] >= 7 * 72, r
+
+
+# 800 blocks of 64 KiB (heap, not mmap) written and freed but the last, which keeps the heap's
+# top in use: free() cannot give back the 50 MB below it, malloc_trim can.
+TRIM_PROBE = """
+import ctypes
+from internvl_ros.ros import allocator
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = (ctypes.c_size_t,)
+libc.free.argtypes = (ctypes.c_void_p,)
+def anon_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon"):
+            return int(line.split()[1]) / 1024
+blocks = [libc.malloc(64 << 10) for _ in range(800)]
+for b in blocks:
+    ctypes.memset(b, 1, 64 << 10)
+for b in blocks[:-1]:
+    libc.free(b)
+before = anon_mb()
+trim = allocator.Trimmer(every_s=3600)
+trim()
+after = anon_mb()
+trim()  # within every_s: not again
+print(before, after, trim.trims)
+"""
+
+
+def test_the_trimmer_gives_freed_heap_memory_back_at_most_every_interval():
+    out = subprocess.run([sys.executable, "-c", TRIM_PROBE], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, after, trims = out.stdout.split()
+    assert float(before) - float(after) > 40, out.stdout  # 50 MB freed in the heap given back
+    assert int(trims) == 1, out.stdout

@@ -438,3 +438,37 @@ def test_detections_map_to_vision_msgs_centre_and_size(humble):
         assert (hyp.hypothesis.class_id, hyp.hypothesis.score, det.id) == ("cup", 1.0, "cup")
     else:
         assert (hyp.id, hyp.score) == ("cup", 1.0)
+
+
+def test_when_idle_runs_once_the_queue_is_empty_and_cannot_stop_the_worker(model_dir):
+    """The worker's housekeeping hook (the node's malloc_trim): after the last waiting job, not
+    between queued ones; an exception in it is logged and the next request is served."""
+    calls = []
+
+    def when_idle():
+        calls.append(worker.state())
+        if len(calls) == 1:
+            raise RuntimeError("housekeeping failed")
+
+    worker = InferenceWorker(Pipeline.from_model_dir(model_dir), LOG, when_idle=when_idle)
+    try:
+        gate = threading.Event()
+        jobs = [Job(request(tokens=2, image=Img(hook=gate.wait)))]
+        jobs += [Job(request(tokens=2)) for _ in range(2)]
+        for job in jobs:
+            assert worker.submit(job, 2) is None
+        gate.set()
+        for job in jobs:
+            assert job.wait(30) and job.outcome.success, job.outcome
+        wait_until(lambda: calls, what="the idle hook")
+        time.sleep(0.2)
+        assert calls == [("idle", 0)]  # once, after the third job
+        job = Job(request(tokens=2))
+        assert worker.submit(job, 2) is None
+        assert job.wait(30) and job.outcome.success, job.outcome
+        wait_until(lambda: len(calls) == 2, what="the idle hook again")
+        assert worker.alive
+    finally:
+        worker.stop()
+        assert worker.join(30)
+        worker.pipeline.close()

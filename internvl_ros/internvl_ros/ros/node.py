@@ -35,7 +35,7 @@ from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from std_msgs.msg import String
 
 from internvl_ros.core.errors import ConfigError, InternVLError
-from internvl_ros.ros import compat, intake, params, qos
+from internvl_ros.ros import allocator, compat, intake, params, qos
 from internvl_ros.ros.ask import AskService
 from internvl_ros.ros.describe import Describer, detection_msgs, stuck_message, timings_msg
 from internvl_ros.ros.diagnostics import Period, Stats, Throttle, build_array, build_status
@@ -189,7 +189,7 @@ class InternVLNode(LifecycleNode):
             return FAILURE
         self.load_error = None
         self.pipeline = pipeline
-        self.worker = InferenceWorker(pipeline, log)
+        self.worker = InferenceWorker(pipeline, log, when_idle=allocator.Trimmer())
         self._release = Release(self.worker, log)
         self.describer.worker = self.worker
         log.info(f"model loaded from {model_dir} ({backend}) in {time.monotonic() - t0:.1f} s")

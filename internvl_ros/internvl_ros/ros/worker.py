@@ -172,11 +172,14 @@ class InferenceWorker:
 
     ``job.on_caption(job, outcome)`` is called on the worker thread for every finished caption
     (not for failures or cancelled generations), before the job is finished: it publishes.
+    ``when_idle()``, if given, is called on the worker thread each time a job has ended and no
+    other waits (the node gives glibc's free memory back there: ``allocator.Trimmer``).
     """
 
-    def __init__(self, pipeline, logger):
+    def __init__(self, pipeline, logger, when_idle: Callable[[], None] | None = None):
         self.pipeline = pipeline
         self._log = logger
+        self._when_idle = when_idle
         self._queue: deque[Job] = deque()
         self._current: Job | None = None
         self._cond = threading.Condition()
@@ -315,6 +318,12 @@ class InferenceWorker:
                 with self._cond:
                     self._current = None
                     self._beat = None
+                    idle = not self._queue and not self._stopping
+            if idle and self._when_idle is not None:
+                try:
+                    self._when_idle()
+                except Exception as e:  # housekeeping must not stop the worker
+                    self._log.warning(f"after a request: {e!r}")
 
     def _serve(self, job: Job) -> None:
         if job.cancel.is_set() or job.done:
