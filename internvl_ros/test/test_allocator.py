@@ -46,8 +46,8 @@ print(line)
 
 
 def probe(mode: str, **env) -> tuple[int, str]:
-    full = {k: v for k, v in os.environ.items()
-            if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    full = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")
+            and k not in ("GLIBC_TUNABLES", "PYTHONMALLOC")}
     out = subprocess.run([sys.executable, "-c", PROBE, mode], env={**full, **env},
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -73,14 +73,16 @@ def test_the_users_own_settings_win():
                     "environment"), line
 
 
-# Started as the node would be (a script named internvl_node): restart_without_tcache, then
-# 7 small blocks are freed. With the per-thread cache on they stay in it (glibc counts them as
-# in use); with it off they go to the arena's fast bins, which mallinfo2 counts as free.
+# Started as the node would be (a script named internvl_node): restart_tuned, then two probes.
+# (1) 7 small blocks are freed: with glibc's per-thread cache on they stay in it (counted as in
+# use); with it off they go to the arena's fast bins, which mallinfo2 counts as free.
+# (2) 20,000 small Python objects are made: on pymalloc they take its own mmapped arenas, on
+# malloc they take malloc's in-use memory.
 NODE_PROBE = """
 import ctypes, os, sys
 print("start", os.getpid(), flush=True)
 from internvl_ros.ros import allocator
-allocator.restart_without_tcache()
+allocator.restart_tuned()
 line = allocator.tune()
 class MI2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
@@ -95,58 +97,71 @@ blocks = [libc.malloc(72) for _ in range(7)]
 before = libc.mallinfo2().fsmblks
 for b in blocks:
     libc.free(b)
+freed = libc.mallinfo2().fsmblks - before
+before = libc.mallinfo2().uordblks
+objects = [(i, str(i)) for i in range(20000)]
 print(os.getpid())
-print(libc.mallinfo2().fsmblks - before)
+print(freed)
+print(libc.mallinfo2().uordblks - before)
 print(os.environ.get("GLIBC_TUNABLES", ""))
+print(os.environ.get("PYTHONMALLOC", ""))
 print(line)
 """
+ON_MALLOC = 20000 * 64  # bytes malloc hands out for the objects, at the least
 
 
 def node_probe(tmp_path, name: str = "internvl_node", **env) -> dict:
     script = tmp_path / name
     script.write_text(NODE_PROBE)
-    full = {k: v for k, v in os.environ.items()
-            if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    full = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")
+            and k not in ("GLIBC_TUNABLES", "PYTHONMALLOC")}
     out = subprocess.run([sys.executable, str(script)], env={**full, **env},
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().splitlines()
     starts = [line.split()[1] for line in lines if line.startswith("start ")]
     rest = [line for line in lines if not line.startswith("start ")]
-    assert len(rest) == 4, out.stdout
+    assert len(rest) == 6, out.stdout
     return {"starts": starts, "pid": rest[0], "freed_to_fastbins": int(rest[1]),
-            "tunables": rest[2], "line": rest[3]}
+            "objects_on_malloc": int(rest[2]), "tunables": rest[3], "pythonmalloc": rest[4],
+            "line": rest[5]}
 
 
-def test_the_node_restarts_itself_once_with_the_per_thread_cache_off(tmp_path):
+def test_the_node_restarts_itself_once_with_the_start_up_settings(tmp_path):
     r = node_probe(tmp_path)
-    assert r["tunables"] == "glibc.malloc.tcache_count=0", r
-    assert r["line"].endswith("glibc.malloc.tcache_count=0 (restarted with it)"), r
     assert r["starts"] == [r["pid"], r["pid"]], r  # once more, as the same process (exec)
+    assert r["tunables"] == "glibc.malloc.tcache_count=0" and r["pythonmalloc"] == "malloc", r
+    assert r["line"] == ("malloc: MALLOC_ARENA_MAX=2, MALLOC_MMAP_THRESHOLD_=262144, "
+                         "glibc.malloc.tcache_count=0, PYTHONMALLOC=malloc, "
+                         "(restarted with them)"), r
     assert r["freed_to_fastbins"] >= 7 * 72, r  # the freed blocks are free, not cached
+    assert r["objects_on_malloc"] >= ON_MALLOC, r
 
 
-def test_the_per_thread_cache_is_on_without_the_restart(tmp_path):
-    """The probe can fail: a program that is not the node keeps glibc's cache, and the freed
-    blocks stay in it."""
+def test_a_program_that_is_not_the_node_keeps_the_defaults(tmp_path):
+    """And the probes can fail: the freed blocks stay in the cache, the objects off malloc."""
     r = node_probe(tmp_path, name="some_other_program")
-    assert r["tunables"] == "" and "tcache" not in r["line"], r
     assert r["starts"] == [r["pid"]], r
+    assert r["tunables"] == "" and r["pythonmalloc"] == "", r
+    assert r["line"] == "malloc: MALLOC_ARENA_MAX=2, MALLOC_MMAP_THRESHOLD_=262144", r
     assert r["freed_to_fastbins"] == 0, r
+    assert r["objects_on_malloc"] < ON_MALLOC / 4, r
 
 
-def test_the_users_own_tcache_setting_wins(tmp_path):
-    r = node_probe(tmp_path, GLIBC_TUNABLES="glibc.malloc.tcache_count=7:glibc.malloc.arena_max=3")
+def test_the_users_own_start_up_settings_win(tmp_path):
+    r = node_probe(tmp_path, GLIBC_TUNABLES="glibc.malloc.tcache_count=7:glibc.malloc.arena_max=3",
+                   PYTHONMALLOC="pymalloc")
+    assert r["starts"] == [r["pid"]], r  # nothing left to restart for
     assert r["tunables"] == "glibc.malloc.tcache_count=7:glibc.malloc.arena_max=3", r
     assert r["line"] == ("malloc: MALLOC_ARENA_MAX left to the environment, "
                          "MALLOC_MMAP_THRESHOLD_=262144, glibc.malloc.tcache_count left to the "
-                         "environment"), r
-    assert r["starts"] == [r["pid"]], r
-    assert r["freed_to_fastbins"] == 0, r
+                         "environment, PYTHONMALLOC left to the environment"), r
+    assert r["freed_to_fastbins"] == 0 and r["objects_on_malloc"] < ON_MALLOC / 4, r
     # other tunables of the user's are kept, and the cache setting is added to them
     r = node_probe(tmp_path, GLIBC_TUNABLES="glibc.malloc.mmap_threshold=1048576")
+    assert r["starts"] == [r["pid"], r["pid"]], r
     assert r["tunables"] == "glibc.malloc.mmap_threshold=1048576:glibc.malloc.tcache_count=0", r
-    assert r["freed_to_fastbins"] >= 7 * 72, r
+    assert r["freed_to_fastbins"] >= 7 * 72 and r["objects_on_malloc"] >= ON_MALLOC, r
 
 
 # 800 blocks of 64 KiB (heap, not mmap) written and freed but the last, which keeps the heap's

@@ -11,15 +11,20 @@ a fixed 256 KiB mmap threshold (blocks that large are mmapped and given back whe
 with glibc's own variables (``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_THRESHOLD_``, or the same in
 ``GLIBC_TUNABLES``) is left to glibc.
 
-glibc also gives each thread a cache of freed small blocks (tcache: up to 7 blocks of each of
-64 sizes, about 240 KB a thread). malloc counts those blocks as in use, and they pin the pages
-they sit in. With ~60 threads the caches fill slowly, one size at a time, for an hour or more: in
-the soak that was most of the node's remaining growth (malloc's in-use memory +1.1 MB in 7
-minutes while heaptrack found +0.2 MB of live allocations; flat with the cache off, and the
-answer latency within the spread of earlier runs: docs/RELIABILITY.md).
-glibc reads that setting only when a process starts, so ``restart_without_tcache`` runs
-``internvl_node`` again, once, with ``glibc.malloc.tcache_count=0`` added to ``GLIBC_TUNABLES``
-(same pid, same arguments). A ``tcache_count`` of the user's own is left as it is.
+Two more settings take effect only when a process starts, so ``restart_tuned`` runs
+``internvl_node`` again, once, at start-up (exec: same pid, same arguments), with them added to
+its environment. A setting of the user's own is left as it is. Measured in the soak
+(docs/RELIABILITY.md):
+
+- ``GLIBC_TUNABLES=glibc.malloc.tcache_count=0``. glibc gives each thread a cache of freed
+  small blocks (up to 7 of each of 64 sizes, about 240 KB a thread), counts them as in use, and
+  they pin the pages they sit in. Across the node's ~60 threads the caches filled slowly, one
+  size at a time, for an hour or more: malloc's in-use memory grew 1.1 MB in 7 minutes while
+  heaptrack found 0.2 MB of new live allocations. With the cache off it is flat.
+- ``PYTHONMALLOC=malloc``. Python's own allocator takes 1 MiB arenas for small objects and
+  gives one back only when every object in it is gone; with the live objects constant (19.4 MB)
+  the node still went from 27 to 29 arenas in 7 minutes. On malloc, those objects share the
+  heaps that ``Trimmer`` gives back page by page.
 
 ``Trimmer`` gives the free memory inside glibc's heaps back to the system (``malloc_trim``),
 at most every ``TRIM_EVERY_S``, when the worker has nothing to do: what a request freed in the
@@ -60,27 +65,41 @@ def _started_as_the_node() -> bool:
     return argv0.name == "internvl_node" or argv0.resolve() == Path(__file__).with_name("main.py")
 
 
-def restart_without_tcache() -> None:
-    """Run this process again with glibc's per-thread cache off (module docstring); returns
-    only when that is not to be done: not glibc, not started as the node, the user's own
-    ``tcache_count``, already restarted, or exec failed (then the node runs as it is)."""
+def restart_settings() -> dict[str, str]:
+    """The environment the node restarts with: what is missing of the per-thread cache off and
+    Python's objects on malloc (module docstring). Empty: nothing to restart for (the user's own
+    settings, already restarted, or not glibc)."""
+    if not _is_glibc() or RESTARTED in os.environ:
+        return {}
+    env = {}
     tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if TCACHE not in tunables:
+        env["GLIBC_TUNABLES"] = ":".join(filter(None, (tunables, f"{TCACHE}=0")))
+    if "PYTHONMALLOC" not in os.environ:
+        env["PYTHONMALLOC"] = "malloc"
+    return env
+
+
+def restart_tuned() -> None:
+    """Run this process again with ``restart_settings()`` (same pid, same arguments); returns
+    only when there is nothing to restart for, the process was not started as the node, or
+    exec failed (then the node runs as it is)."""
+    env = restart_settings()
     argv = getattr(sys, "orig_argv", None)  # Python >= 3.10: the interpreter's options too
-    if (not _is_glibc() or TCACHE in tunables or RESTARTED in os.environ or not argv
-            or not sys.executable or not _started_as_the_node()):
+    if not env or not argv or not sys.executable or not _started_as_the_node():
         return
-    os.environ["GLIBC_TUNABLES"] = ":".join(filter(None, (tunables, f"{TCACHE}=0")))
-    os.environ[RESTARTED] = "1"
+    saved = {k: os.environ.get(k) for k in (*env, RESTARTED)}
+    os.environ.update(env, **{RESTARTED: ",".join(f"{k}={v}" for k, v in env.items())})
     sys.stdout.flush()
     sys.stderr.flush()
     try:
         os.execv(sys.executable, [sys.executable, *argv[1:]])
     except OSError:
-        os.environ.pop(RESTARTED)
-        if tunables:
-            os.environ["GLIBC_TUNABLES"] = tunables
-        else:
-            os.environ.pop("GLIBC_TUNABLES")
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def tune() -> str:
@@ -101,10 +120,17 @@ def tune() -> str:
             said.append(f"{var}={value}")
         else:
             said.append(f"{var} not set (mallopt refused)")
-    if os.environ.pop(RESTARTED, None):
-        said.append(f"{TCACHE}=0 (restarted with it)")
+    restarted = os.environ.pop(RESTARTED, "")
+    if f"{TCACHE}=0" in restarted:
+        said.append(f"{TCACHE}=0")
     elif TCACHE in os.environ.get("GLIBC_TUNABLES", ""):
         said.append(f"{TCACHE} left to the environment")
+    if "PYTHONMALLOC=" in restarted:
+        said.append("PYTHONMALLOC=malloc")
+    elif "PYTHONMALLOC" in os.environ:
+        said.append("PYTHONMALLOC left to the environment")
+    if restarted:
+        said.append("(restarted with them)")
     return "malloc: " + ", ".join(said)
 
 

@@ -43,7 +43,7 @@ def main(args=None) -> int:
     sending), destroys the node and releases the model once the worker has exited. A second
     signal skips the wait for the answers. All of it stays within STOP_BUDGET_S.
     """
-    allocator.restart_without_tcache()  # returns, or runs this process again (same pid)
+    allocator.restart_tuned()  # returns, or runs this process again (same pid)
     malloc_line = allocator.tune()  # before rclpy starts any thread
     compat.init(args)
     node = None
