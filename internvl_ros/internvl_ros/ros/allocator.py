@@ -134,7 +134,7 @@ def tune() -> str:
     return "malloc: " + ", ".join(said)
 
 
-TRIM_EVERY_S = 30.0
+TRIM_EVERY_S = 5.0
 
 
 class Trimmer:
