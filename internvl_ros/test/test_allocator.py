@@ -1,7 +1,7 @@
 """The node's malloc settings (ros/allocator.py): at most 2 glibc arenas however many threads
-allocate, glibc's per-thread cache off (the node runs itself again with the tunable), and the
-user's own settings left alone. Each case runs in a fresh process, since mallopt must come before
-the threads and glibc reads its tunables only at start."""
+allocate, glibc's per-thread cache off and Python's objects on malloc (the node runs itself again
+with both), the trimmer, and the user's own settings left alone. Each case runs in a fresh
+process, since mallopt must come before the threads and glibc reads its tunables only at start."""
 
 from __future__ import annotations
 
@@ -45,10 +45,15 @@ print(line)
 """
 
 
-def probe(mode: str, **env) -> tuple[int, str]:
+def child_env(**env) -> dict:
+    """This environment without any malloc setting, plus ``env``."""
     full = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")
             and k not in ("GLIBC_TUNABLES", "PYTHONMALLOC")}
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], env={**full, **env},
+    return {**full, **env}
+
+
+def probe(mode: str, **env) -> tuple[int, str]:
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], env=child_env(**env),
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     heaps, line = out.stdout.strip().splitlines()
@@ -113,9 +118,7 @@ ON_MALLOC = 20000 * 64  # bytes malloc hands out for the objects, at the least
 def node_probe(tmp_path, name: str = "internvl_node", **env) -> dict:
     script = tmp_path / name
     script.write_text(NODE_PROBE)
-    full = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")
-            and k not in ("GLIBC_TUNABLES", "PYTHONMALLOC")}
-    out = subprocess.run([sys.executable, str(script)], env={**full, **env},
+    out = subprocess.run([sys.executable, str(script)], env=child_env(**env),
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().splitlines()
