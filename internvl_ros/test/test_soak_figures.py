@@ -1,0 +1,70 @@
+"""bench/soak.py's memory figures: the per-minute floors and the slope fitted to them.
+
+The soak's target is an RSS slope under 5 MB/h; these check that the estimator finds a known
+slope under request-sized spikes and reports its own uncertainty (issue 16)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SOAK = Path(__file__).resolve().parents[2] / "bench" / "soak.py"
+
+
+@pytest.fixture(scope="module")
+def soak():
+    """bench/soak.py as a module (it puts bench/ on sys.path for its `common`: undone after)."""
+    path, had_common = list(sys.path), "common" in sys.modules
+    spec = importlib.util.spec_from_file_location("soak_bench", SOAK)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up
+    try:
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.modules.pop(spec.name, None)
+        if not had_common:
+            sys.modules.pop("common", None)
+        sys.path[:] = path
+
+
+def series(slope_mb_per_h: float, minutes: int, step: float, seed: int = 0):
+    """1-s (or `step`-s) RSS readings: a floor rising at the given slope, and in 40 % of the
+    readings a request's working memory (1 to 8 MB) on top of it."""
+    rng = np.random.default_rng(seed)
+    ts = np.arange(0.0, minutes * 60.0 + step / 2, step)  # (n,) s
+    busy = rng.random(ts.size) < 0.4
+    ys = 160.0 + slope_mb_per_h * ts / 3600.0 + busy * rng.uniform(1.0, 8.0, ts.size)
+    return ts.tolist(), ys.tolist()
+
+
+@pytest.mark.parametrize("slope", [0.0, 3.0, 30.0])
+def test_floors_of_1s_readings_recover_the_slope_under_request_spikes(soak, slope):
+    ts, ys = series(slope, 10, soak.RSS_SAMPLE_S)
+    ft, fy = soak.floors(ts, ys, step=soak.RSS_SAMPLE_S)
+    assert len(fy) == 10  # every full minute, the last one included
+    assert all(abs(t - (60 * i + 30)) < 1e-9 for i, t in enumerate(ft))
+    got, se = soak.slope_fit(ft, fy)
+    # the floor of 60 readings is the spike-free floor: exact up to 1 s of the slope
+    assert got == pytest.approx(slope, abs=0.05)
+    assert se < 0.05
+
+
+def test_slope_fit_reports_its_standard_error(soak):
+    rng = np.random.default_rng(1)
+    t = np.arange(7) * 60.0 + 210.0  # (7,) s: the floors of a 10-minute run after the warm-up
+    y = 160.0 + rng.normal(0.0, 1.0, 7)  # (7,) MB: no trend, 1 MB of scatter
+    slope, se = soak.slope_fit(t.tolist(), y.tolist())
+    # least squares by hand: se = sqrt(SSR / (n - 2) / sum((t - mean)^2)), t in hours
+    th = t / 3600.0
+    b, a = np.polyfit(th, y, 1)
+    want = math.sqrt(((y - (a + b * th)) ** 2).sum() / 5 / ((th - th.mean()) ** 2).sum())
+    assert slope == pytest.approx(b)
+    assert se == pytest.approx(want)
+    assert se > 5.0  # 1 MB of scatter over 7 minutes: the fit cannot tell 5 MB/h from 0
+    assert math.isnan(soak.slope_fit([0.0, 60.0], [1.0, 2.0])[1])
