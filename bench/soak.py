@@ -436,8 +436,8 @@ def slope_per_hour(ts: list[float], ys: list[float]) -> float:
 
 
 def slope_fit(ts: list[float], ys: list[float]) -> tuple[float, float]:
-    """(least-squares slope of ys over ts (seconds), its standard error), both per hour; the
-    error is nan below 3 points (the slope too) and for exactly 3 points' worth of freedom."""
+    """(least-squares slope of ys over ts (seconds), its standard error), both per hour; both
+    nan below 3 points."""
     if len(ts) < 3:
         return float("nan"), float("nan")
     t, y = np.asarray(ts, dtype=float) / 3600.0, np.asarray(ys, dtype=float)  # (n,) hours, MB
@@ -465,6 +465,18 @@ def floors(ts: list[float], ys: list[float], window: float = FLOOR_WINDOW_S,
             out_y.append(min(vals))
         start += window
     return out_t, out_y
+
+
+def window_slopes(ft: list[float], fy: list[float], window: float = 600.0) -> list[float]:
+    """The slope (per hour) of the floors in each full `window` of seconds from ft[0]: in a long
+    run, whether the RSS settles (slopes falling towards 0) or keeps rising."""
+    out = []
+    start = ft[0] if ft else 0.0
+    while ft and start + window <= ft[-1] + FLOOR_WINDOW_S / 2:
+        pts = [(t, y) for t, y in zip(ft, fy, strict=True) if start <= t < start + window]
+        out.append(round(slope_per_hour([t for t, _ in pts], [y for _, y in pts]), 2))
+        start += window
+    return out
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -511,6 +523,7 @@ def summarise(samples: list[dict], ledger: Ledger, duration: float, warmup: floa
             "rss_slope_10s_floors_mb_per_hour": slope_per_hour(*floors(ts, rss)),
             "rss_samples_slope_mb_per_hour": slope_per_hour(ts, rss),
             "rss_floors_mb": [round(y, 1) for y in frss],
+            "rss_slopes_per_10_min": window_slopes(ft, frss),
             "fd_growth": after[-1]["nodes"][name]["fds"] - after[0]["nodes"][name]["fds"],
             "thread_growth": (after[-1]["nodes"][name]["threads"]
                               - after[0]["nodes"][name]["threads"]),
@@ -605,6 +618,9 @@ def table(res: dict) -> str:
                      f"{n['rss_start_mb']:.1f} -> {n['rss_end_mb']:.1f} "
                      f"({n['rss_slope_mb_per_hour']:.2f}), {n['fd_growth']}, "
                      f"{n['thread_growth']}", ""))
+        if len(n["rss_slopes_per_10_min"]) > 1:
+            rows.append((f"{name}: RSS slope (MB/h) in each 10 minutes after the warm-up",
+                         ", ".join(map(str, n["rss_slopes_per_10_min"])), ""))
     out = ["| figure | value | target |", "|---|---|---|"]
     out += [f"| {k} | {v} | {t} |" for k, v, t in rows]
     return "\n".join(out)

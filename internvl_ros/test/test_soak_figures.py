@@ -68,3 +68,14 @@ def test_slope_fit_reports_its_standard_error(soak):
     assert se == pytest.approx(want)
     assert se > 5.0  # 1 MB of scatter over 7 minutes: the fit cannot tell 5 MB/h from 0
     assert math.isnan(soak.slope_fit([0.0, 60.0], [1.0, 2.0])[1])
+
+
+def test_window_slopes_tell_settling_from_steady_growth(soak):
+    ft = [30.0 + 60.0 * i for i in range(60)]  # (60,) s: the floors of a 60-minute run
+    settling = [160.0 + 2.0 * (1.0 - math.exp(-t / 900.0)) for t in ft]  # bounded: +2 MB
+    rising = [160.0 + 4.0 * t / 3600.0 for t in ft]  # 4 MB/h for ever
+    s = soak.window_slopes(ft, settling)
+    assert len(s) == 5  # full 10-minute windows only
+    assert all(a > b for a, b in zip(s, s[1:], strict=False)) and s[-1] < 0.5
+    assert soak.window_slopes(ft, rising) == pytest.approx([4.0] * 5, abs=0.01)
+    assert soak.window_slopes(ft[:7], rising[:7]) == []  # a 10-minute run has no full window
