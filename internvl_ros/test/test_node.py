@@ -890,10 +890,14 @@ def test_sigterm_answers_every_request_then_exits_zero(nodes):
     answers = [wait_future(f, timeout=5).message for f in futs]
     res = wait_future(result, timeout=5)
     answers.append(res.result.message)
-    # the running one may have finished just before the signal; every other is told why
+    # When fill_until_busy got its refusal, one request was running and two waiting: those are
+    # told why (the running one may just have finished). Requests before them may have finished
+    # "ok": a generation here takes ~0.3 s, and on a loaded machine one can end while a probe
+    # waits its 0.5 s (which then queues, and may even be refused "busy" after that wait).
     finished = [m for m in answers if m == "ok"]
-    assert len(finished) <= 1 and answers.count("the node is shutting down") == \
-        len(answers) - len(finished), answers
+    refused = [m for m in answers if m.startswith("busy: 1 generation running")]
+    told = answers.count("the node is shutting down")
+    assert told >= 2 and len(finished) + len(refused) + told == len(answers), answers
     assert res.status == (GoalStatus.STATUS_SUCCEEDED if res.result.message == "ok" else
                           GoalStatus.STATUS_ABORTED)
     assert b.stop(signal.SIGINT) == 0  # Ctrl-C
