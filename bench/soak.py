@@ -132,25 +132,29 @@ class Ledger:
 # processes
 
 
+def proc_status(pid: int) -> dict[str, str]:
+    """The fields of /proc/PID/status, by name."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+
+
+def status_mb(fields: dict[str, str], name: str) -> float:
+    """A "1234 kB" field of proc_status in MB (0 when absent)."""
+    return int(fields.get(name, "0 kB").split()[0]) / 1024
+
+
 def proc_rss(pid: int) -> tuple[float, float]:
-    """(RSS, RssAnon) in MB, from /proc/PID/status."""
-    rss = anon = 0.0
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                rss = int(line.split()[1]) / 1024
-            elif line.startswith("RssAnon:"):
-                anon = int(line.split()[1]) / 1024
-    return rss, anon
+    """(RSS, RssAnon) in MB."""
+    fields = proc_status(pid)
+    return status_mb(fields, "VmRSS"), status_mb(fields, "RssAnon")
 
 
 def proc_stats(pid: int) -> dict:
-    status = Path(f"/proc/{pid}/status").read_text()
-    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-    return {"rss_mb": int(fields["VmRSS"].split()[0]) / 1024,
+    fields = proc_status(pid)
+    return {"rss_mb": status_mb(fields, "VmRSS"),
             # anonymous memory only: what a leak grows (RSS also counts mapped files, which
             # the kernel drops and reloads under memory pressure from other processes)
-            "rss_anon_mb": int(fields.get("RssAnon", "0 kB").split()[0]) / 1024,
+            "rss_anon_mb": status_mb(fields, "RssAnon"),
             "threads": int(fields["Threads"]),
             "fds": len(os.listdir(f"/proc/{pid}/fd"))}
 
@@ -448,35 +452,34 @@ def slope_fit(ts: list[float], ys: list[float]) -> tuple[float, float]:
     return float(slope), se
 
 
+def windows(ts: list[float], ys: list[float], window: float, step: float):
+    """(middle, ts, ys) of each full `window` of seconds from ts[0] that holds a point; a window
+    is full when the last point is within step/2 (half the sampling period) of its end."""
+    out = []
+    start = ts[0] if ts else 0.0
+    while ts and start + window <= ts[-1] + step / 2:
+        pts = [(t, y) for t, y in zip(ts, ys, strict=True) if start <= t < start + window]
+        if pts:
+            out.append((start + window / 2, [t for t, _ in pts], [y for _, y in pts]))
+        start += window
+    return out
+
+
 def floors(ts: list[float], ys: list[float], window: float = FLOOR_WINDOW_S,
            step: float = SAMPLE_S):
     """The lowest value in each full `window` of seconds from ts[0]: (window middles, floors).
     A request in flight when a sample is taken adds its working memory (a decoded frame, image
     tiles, logits: several MB) to that sample; the floor of each minute is what stays. `step` is
-    the sampling period (a window is full when its last sample is within step/2 of its end)."""
-    if not ts:
-        return [], []
-    out_t, out_y = [], []
-    start = ts[0]
-    while start + window <= ts[-1] + step / 2:
-        vals = [y for t, y in zip(ts, ys, strict=True) if start <= t < start + window]
-        if vals:
-            out_t.append(start + window / 2)
-            out_y.append(min(vals))
-        start += window
-    return out_t, out_y
+    the sampling period."""
+    ws = windows(ts, ys, window, step)
+    return [mid for mid, _, _ in ws], [min(wy) for _, _, wy in ws]
 
 
 def window_slopes(ft: list[float], fy: list[float], window: float = 600.0) -> list[float]:
     """The slope (per hour) of the floors in each full `window` of seconds from ft[0]: in a long
     run, whether the RSS settles (slopes falling towards 0) or keeps rising."""
-    out = []
-    start = ft[0] if ft else 0.0
-    while ft and start + window <= ft[-1] + FLOOR_WINDOW_S / 2:
-        pts = [(t, y) for t, y in zip(ft, fy, strict=True) if start <= t < start + window]
-        out.append(round(slope_per_hour([t for t, _ in pts], [y for _, y in pts]), 2))
-        start += window
-    return out
+    return [round(slope_per_hour(wt, wy), 2)
+            for _, wt, wy in windows(ft, fy, window, FLOOR_WINDOW_S)]
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -504,11 +507,10 @@ def summarise(samples: list[dict], ledger: Ledger, duration: float, warmup: floa
     counts = ledger.counts()
     after = [s for s in samples if s["t"] >= warmup] or samples
     fast = [r for r in rss_series if r["t"] >= warmup] or rss_series
+    ts, fts = [s["t"] for s in after], [r["t"] for r in fast]
     nodes = {}
     for name in NODES:
-        ts = [s["t"] for s in after]
         rss = [s["nodes"][name]["rss_mb"] for s in after]
-        fts = [r["t"] for r in fast]
         ft, frss = floors(fts, [r[name][0] for r in fast], step=RSS_SAMPLE_S)
         slope, stderr = slope_fit(ft, frss)
         nodes[name] = {
@@ -554,7 +556,7 @@ def summarise(samples: list[dict], ledger: Ledger, duration: float, warmup: floa
         "rss_samples_slope_mb_per_hour": round(max(n["rss_samples_slope_mb_per_hour"]
                                                    for n in nodes.values()), 2),
         "rss_slope_sum_mb_per_hour": round(slope_per_hour(*floors(
-            [r["t"] for r in fast], [sum(r[n][0] for n in NODES) for r in fast],
+            fts, [sum(r[n][0] for n in NODES) for r in fast],
             step=RSS_SAMPLE_S)), 2),
         "fd_growth": sum(n["fd_growth"] for n in nodes.values()),  # after the warm-up
         "thread_growth": sum(n["thread_growth"] for n in nodes.values()),
