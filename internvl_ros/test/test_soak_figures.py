@@ -79,3 +79,39 @@ def test_window_slopes_tell_settling_from_steady_growth(soak):
     assert all(a > b for a, b in zip(s, s[1:], strict=False)) and s[-1] < 0.5
     assert soak.window_slopes(ft, rising) == pytest.approx([4.0] * 5, abs=0.01)
     assert soak.window_slopes(ft[:7], rising[:7]) == []  # a 10-minute run has no full window
+
+
+def run_series(soak, own: dict, shmem: dict, minutes: int = 10):
+    """summarise() over a synthetic run: per node, functions of t (s) giving its own memory
+    and its shared memory in MB; every 1-s reading, and a 10-s sample."""
+    rss_series, samples = [], []
+    for t in np.arange(0.0, minutes * 60.0 + 0.5, 1.0):  # (n,) s
+        r = {"t": float(t)}
+        for name in soak.NODES:
+            r[name] = [own[name](t) + shmem[name](t), own[name](t) - 50.0, shmem[name](t)]
+        rss_series.append(r)
+        if t % soak.SAMPLE_S == 0:
+            samples.append({"t": float(t), "nodes": {name: {
+                "rss_mb": r[name][0], "rss_anon_mb": r[name][1], "rss_shmem_mb": r[name][2],
+                "fds": 22, "threads": 64} for name in soak.NODES}})
+    duration = minutes * 60.0
+    return soak.summarise(samples, soak.Ledger(), duration, 0.3 * duration,
+                          {"start": [0.0] * 3, "end": [0.0] * 3},
+                          {name: 0 for name in soak.NODES}, rss_series)
+
+
+def test_the_slope_is_of_the_nodes_own_memory_and_still_finds_a_leak(soak):
+    """Another process's DDS segment, read into a node's RSS page by page (here 1 MB over the
+    run: 6 MB/h), is not the node's growth; the named slope leaves it out and reports it beside
+    (rss_total_slope_mb_per_hour). A leak of the node's own memory is still found."""
+    flat = {name: (lambda t: 158.0) for name in soak.NODES}
+    shmem = {"raw": lambda t: 1.4, "compressed": lambda t: 0.2 + t / 600.0}  # MB
+    res = run_series(soak, flat, shmem)
+    assert abs(res["rss_slope_mb_per_hour"]) < 0.1
+    assert res["rss_total_slope_mb_per_hour"] == pytest.approx(6.0, abs=0.1)
+    assert res["nodes"]["compressed"]["rss_shmem_end_mb"] == pytest.approx(1.2)
+    leak = dict(flat, raw=lambda t: 158.0 + 6.0 * t / 3600.0)  # 6 MB/h of the node's own
+    res = run_series(soak, leak, shmem)
+    assert res["rss_slope_mb_per_hour"] == pytest.approx(6.0, abs=0.1)
+    assert res["nodes"]["raw"]["rss_slope_mb_per_hour"] == pytest.approx(6.0, abs=0.1)
+    assert "rss_total_slope_mb_per_hour" in soak.table(res)
