@@ -525,11 +525,14 @@ def summarise(samples: list[dict], ledger: Ledger, duration: float, warmup: floa
     after = [s for s in samples if s["t"] >= warmup] or samples
     fast = [r for r in rss_series if r["t"] >= warmup] or rss_series
     ts, fts = [s["t"] for s in after], [r["t"] for r in fast]
+
+    def fast_floors(value):  # value(1-s reading) -> MB; the per-minute floors after warm-up
+        return floors(fts, [value(r) for r in fast], step=RSS_SAMPLE_S)
+
     nodes = {}
     for name in NODES:
         rss = [s["nodes"][name]["rss_mb"] for s in after]
-        ft, frss = floors(fts, [own_mb(r[name][0], r[name][2]) for r in fast],
-                          step=RSS_SAMPLE_S)
+        ft, frss = fast_floors(lambda r, n=name: own_mb(r[n][0], r[n][2]))
         slope, stderr = slope_fit(ft, frss)
         nodes[name] = {
             "rss_start_mb": samples[0]["nodes"][name]["rss_mb"],
@@ -539,12 +542,11 @@ def summarise(samples: list[dict], ledger: Ledger, duration: float, warmup: floa
             # the shared memory, anonymous memory alone, the 10-s samples' floors, every sample
             "rss_slope_mb_per_hour": slope,
             "rss_slope_stderr_mb_per_hour": stderr,
-            "rss_total_slope_mb_per_hour": slope_per_hour(*floors(
-                fts, [r[name][0] for r in fast], step=RSS_SAMPLE_S)),
+            "rss_total_slope_mb_per_hour": slope_per_hour(*fast_floors(
+                lambda r, n=name: r[n][0])),
             "rss_shmem_start_mb": samples[0]["nodes"][name]["rss_shmem_mb"],
             "rss_shmem_end_mb": samples[-1]["nodes"][name]["rss_shmem_mb"],
-            "rss_anon_slope_mb_per_hour": slope_per_hour(*floors(
-                fts, [r[name][1] for r in fast], step=RSS_SAMPLE_S)),
+            "rss_anon_slope_mb_per_hour": slope_per_hour(*fast_floors(lambda r, n=name: r[n][1])),
             "rss_slope_10s_floors_mb_per_hour": slope_per_hour(*floors(ts, rss)),
             "rss_samples_slope_mb_per_hour": slope_per_hour(ts, rss),
             "rss_floors_mb": [round(y, 1) for y in frss],
@@ -580,9 +582,8 @@ def summarise(samples: list[dict], ledger: Ledger, duration: float, warmup: floa
                                                 for n in nodes.values()), 2),
         "rss_samples_slope_mb_per_hour": round(max(n["rss_samples_slope_mb_per_hour"]
                                                    for n in nodes.values()), 2),
-        "rss_slope_sum_mb_per_hour": round(slope_per_hour(*floors(
-            fts, [sum(own_mb(r[n][0], r[n][2]) for n in NODES) for r in fast],
-            step=RSS_SAMPLE_S)), 2),
+        "rss_slope_sum_mb_per_hour": round(slope_per_hour(*fast_floors(
+            lambda r: sum(own_mb(r[n][0], r[n][2]) for n in NODES))), 2),
         "fd_growth": sum(n["fd_growth"] for n in nodes.values()),  # after the warm-up
         "thread_growth": sum(n["thread_growth"] for n in nodes.values()),
         "p50_latency_s": round(percentile(lat_ok, 50), 3),
