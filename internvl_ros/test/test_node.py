@@ -165,8 +165,7 @@ class Client:
         self.node = rclpy.create_node("internvl_test_client", context=self.ctx)
         self.executor = MultiThreadedExecutor(num_threads=4, context=self.ctx)
         self.executor.add_node(self.node)
-        self._spin = threading.Thread(target=self.executor.spin, daemon=True)
-        self._spin.start()
+        self._action_nodes = []
         self.lock = threading.Lock()
         self.captions: dict[str, list[str]] = {NS_RAW: [], NS_CMP: []}
         self.stamped: dict[str, list[Caption]] = {NS_RAW: [], NS_CMP: []}
@@ -183,7 +182,7 @@ class Client:
                 Caption, f"{base}/caption_stamped",
                 lambda m, ns=ns: self._add(self.stamped[ns], m), 10)
             self.srv[ns] = self.node.create_client(Describe, f"{base}/describe")
-            self.actions[ns] = ActionClient(self.node, DescribeAction, f"{base}/describe")
+            self.actions[ns] = self.action_client(DescribeAction, f"{base}/describe")
         self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, 10)
         self.raw_pub = self.node.create_publisher(
             Image, RAW_TOPIC, QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE))
@@ -194,6 +193,20 @@ class Client:
         self._frame: Image | None = None
         self._stream_stop = threading.Event()
         self._stream = None
+        self._spin = threading.Thread(target=self.executor.spin, daemon=True)
+        self._spin.start()
+
+    def action_client(self, action_type, name: str) -> ActionClient:
+        """An ActionClient in this context, safe to make while the executor spins. rclpy's
+        ActionClient joins its node's waitables before it sets its lock, so one made on a node
+        that is spinning can kill the spin thread (AttributeError: no attribute '_lock'): it is
+        made on a node of its own, which joins the executor once the client is whole."""
+        node = rclpy.create_node(f"internvl_test_action_{len(self._action_nodes)}",
+                                 context=self.ctx)
+        client = ActionClient(node, action_type, name)
+        self._action_nodes.append(node)
+        self.executor.add_node(node)
+        return client
 
     def _add(self, lst, item):
         with self.lock:
@@ -255,7 +268,8 @@ class Client:
     def close(self):
         self.stop_stream()
         self.executor.shutdown(timeout_sec=2.0)
-        self.node.destroy_node()
+        for node in (*self._action_nodes, self.node):
+            node.destroy_node()
         rclpy.try_shutdown(context=self.ctx)
 
 

@@ -13,7 +13,6 @@ import subprocess
 import time
 
 import pytest
-from rclpy.action import ActionClient
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image
 from test_node import (
@@ -62,7 +61,7 @@ def env(tmp_path_factory, tiny, ros_domain):
     client = Client(ros_domain)
     ask_cli = client.node.create_client(Ask, f"{FQN}/ask")
     client.srv[NS] = client.node.create_client(Describe, f"{FQN}/describe")
-    client.actions[NS] = ActionClient(client.node, DescribeAction, f"{FQN}/describe")
+    client.actions[NS] = client.action_client(DescribeAction, f"{FQN}/describe")
     client.stamped[NS] = []
     client.node.create_subscription(Caption, f"{FQN}/caption_stamped",
                                     lambda m: client._add(client.stamped[NS], m), 10)
