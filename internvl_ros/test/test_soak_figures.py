@@ -53,6 +53,7 @@ def test_floors_of_1s_readings_recover_the_slope_under_request_spikes(soak, slop
     # the floor of 60 readings is the spike-free floor: exact up to 1 s of the slope
     assert got == pytest.approx(slope, abs=0.05)
     assert se < 0.05
+    assert soak.sen_slope(ft, fy)[0] == pytest.approx(slope, abs=0.05)
 
 
 def test_slope_fit_reports_its_standard_error(soak):
@@ -68,6 +69,45 @@ def test_slope_fit_reports_its_standard_error(soak):
     assert se == pytest.approx(want)
     assert se > 5.0  # 1 MB of scatter over 7 minutes: the fit cannot tell 5 MB/h from 0
     assert math.isnan(soak.slope_fit([0.0, 60.0], [1.0, 2.0])[1])
+
+
+FLOORS_T = [210.0 + 60.0 * i for i in range(7)]  # s: the 7 floors of a 10-minute run
+FRAME_MB = 0.9  # a 640x480 rgb8 frame, held by requests in flight for a whole minute
+
+
+@pytest.mark.parametrize("held", [0, 6])
+def test_sen_slope_ignores_a_minute_of_requests_in_flight_but_not_a_leak(soak, held):
+    """One minute whose every reading held a raw frame (requests in flight all through it) at an
+    end of the run moves the least-squares slope past the 5 MB/h target; the Theil-Sen slope
+    does not move, and still finds a 6 MB/h leak under that minute."""
+    flat = [158.0] * 7
+    flat[held] += FRAME_MB
+    ols = soak.slope_fit(FLOORS_T, flat)[0]
+    assert abs(ols) > 5.0  # why least squares is not the named slope
+    assert soak.sen_slope(FLOORS_T, flat)[0] == pytest.approx(0.0, abs=1e-9)
+    leak = [y + 6.0 * t / 3600.0 for t, y in zip(FLOORS_T, flat, strict=True)]
+    assert soak.sen_slope(FLOORS_T, leak)[0] == pytest.approx(6.0, abs=0.01)
+    # two held minutes (of 7) are still ignored; a bounded settle early in the run is not
+    two = [158.0, 158.0, 158.0 + FRAME_MB, 158.0, 158.0, 158.0, 158.0 + FRAME_MB]
+    assert soak.sen_slope(FLOORS_T, two)[0] == pytest.approx(0.0, abs=1e-9)
+    settle = [157.1, 157.9, 157.7, 157.7, 157.9, 157.8, 158.0]  # session 6, run e
+    assert soak.sen_slope(FLOORS_T, settle)[0] > 4.0
+
+
+def test_sen_slope_interval(soak):
+    line = [160.0 + 3.0 * t / 3600.0 for t in FLOORS_T]
+    assert soak.sen_slope(FLOORS_T, line) == pytest.approx((3.0, 3.0, 3.0))
+    rng = np.random.default_rng(2)
+    for _ in range(20):
+        y = (160.0 + rng.normal(0.0, 0.5, 7)).tolist()  # (7,) MB: no trend
+        slope, lo, hi = soak.sen_slope(FLOORS_T, y)
+        assert lo <= slope <= hi and hi - lo > 1.0
+    # the interval's ends are the 4th and the 18th of the 21 pairwise slopes (Sen 1968)
+    y = (160.0 + rng.normal(0.0, 0.5, 7)).tolist()
+    th = np.asarray(FLOORS_T) / 3600.0
+    pairs = sorted((y[j] - y[i]) / (th[j] - th[i]) for i in range(7) for j in range(i + 1, 7))
+    assert soak.sen_slope(FLOORS_T, y) == pytest.approx((np.median(pairs), pairs[3], pairs[17]))
+    assert all(math.isnan(v) for v in soak.sen_slope([0.0, 60.0], [1.0, 2.0]))
 
 
 def test_window_slopes_tell_settling_from_steady_growth(soak):
@@ -115,3 +155,18 @@ def test_the_slope_is_of_the_nodes_own_memory_and_still_finds_a_leak(soak):
     assert res["rss_slope_mb_per_hour"] == pytest.approx(6.0, abs=0.1)
     assert res["nodes"]["raw"]["rss_slope_mb_per_hour"] == pytest.approx(6.0, abs=0.1)
     assert "rss_total_slope_mb_per_hour" in soak.table(res)
+
+
+def test_the_named_slope_is_theil_sen_with_least_squares_beside_it(soak):
+    """A raw frame held through the last minute (8 to 9 min after the start: 158.9 MB in every
+    reading) is reported by least squares (about 6 MB/h), not by the named slope."""
+    held = {name: (lambda t: 158.0) for name in soak.NODES}
+    held["raw"] = lambda t: 158.0 + (FRAME_MB if 540.0 <= t < 600.0 else 0.0)
+    res = run_series(soak, held, {name: (lambda t: 1.4) for name in soak.NODES})
+    assert res["rss_slope_mb_per_hour"] == pytest.approx(0.0, abs=1e-9)
+    assert res["rss_slope_ols_mb_per_hour"] == pytest.approx(2.7 / 28 * 60, abs=0.01)
+    lo, hi = res["rss_slope_ci95_mb_per_hour"]
+    assert lo <= 0.0 <= hi
+    assert res["rss_slope_ols_stderr_mb_per_hour"] > 0.0
+    text = soak.table(res)
+    assert "Theil-Sen" in text and "rss_slope_ols_mb_per_hour" in text
