@@ -33,6 +33,10 @@ def test_onnxruntime_session_options(host_dir):
     opts = sess._sess.get_session_options()
     assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert opts.intra_op_num_threads == 2
+    # a memory pattern per decode length would stay for the session's life (issue 16)
+    assert not opts.enable_mem_pattern
+    vit = backend.open(str(host_dir / "internvl_vit_model_1x3x448x448.onnx"), role="vit")
+    assert not vit._sess.get_session_options().enable_mem_pattern
     assert sess.dynamic_shapes and sess.num_shape_groups == 1
     names = [i.name for i in sess.get_inputs()]
     assert names == ["K_cache", "V_cache", "indices", "input", "mask"]

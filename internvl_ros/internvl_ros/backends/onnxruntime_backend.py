@@ -44,6 +44,13 @@ def _session_options(num_threads: int | None, spinning: bool, low_memory: bool =
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
+    # No memory patterns: onnxruntime keeps one for every set of input shapes a session has run,
+    # for the life of the session, and a layer's inputs change shape at every decode step (the
+    # past length). On the tiny test model one generation to the end of the context (1,600
+    # steps) left 6.3 MB of them behind, taken when a node first saw such a request (issue 16's
+    # soak: a node's RSS rose 6 MB at minute 6); without them that generation leaves 1.0 MB
+    # (the KV cache rows it wrote), at the same decode speed.
+    opts.enable_mem_pattern = False
     if low_memory:
         # For the ViT, run once per image: no prepacked second copy of its weights and no
         # arena holding its activations between requests (-0.6 GB peak RSS at full size,
