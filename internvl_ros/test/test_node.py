@@ -273,16 +273,25 @@ class Client:
         rclpy.try_shutdown(context=self.ctx)
 
 
+BUSY = re.compile(r"busy: (\d+) generation running and (\d+) request\(s\) waiting")
+
+
 def fill_until_busy(call, futs: list) -> None:
-    """Send requests with `call()` until one is refused as busy with one generation running and
-    two requests waiting at the node: that proves the queue is full (a sleep would not: on a
-    loaded machine a request may not have arrived yet). A probe that is not refused has been
-    queued instead: it joins `futs`, to be answered like the others."""
+    """Send requests with `call()` until one is refused as busy with three requests in hand at
+    the node (max_queue 2): that proves the queue is full (a sleep would not: on a loaded
+    machine a request may not have arrived yet). A probe that is not refused has been queued
+    instead: it joins `futs`, to be answered like the others. The refusal says one generation
+    running and two waiting, or, when it lands between two generations (the worker has ended
+    one and not yet taken the next, and a request was queued meanwhile), none running and
+    three waiting."""
     while True:
         probe = call()
         if answered(probe, 0.5):
-            assert "busy: 1 generation running and 2 request(s) waiting" in \
-                probe.result().message, probe.result().message
+            message = probe.result().message
+            busy = BUSY.search(message)
+            assert busy, message
+            running, waiting = int(busy[1]), int(busy[2])
+            assert running <= 1 and running + waiting == 3, message
             return
         futs.append(probe)
 
@@ -904,12 +913,13 @@ def test_sigterm_answers_every_request_then_exits_zero(nodes):
     answers = [wait_future(f, timeout=5).message for f in futs]
     res = wait_future(result, timeout=5)
     answers.append(res.result.message)
-    # When fill_until_busy got its refusal, one request was running and two waiting: those are
-    # told why (the running one may just have finished). Requests before them may have finished
+    # When fill_until_busy got its refusal, one request was running and two waiting (or, between
+    # two generations, three waiting): those are told why (the running one may just have
+    # finished). Requests before them may have finished
     # "ok": a generation here takes ~0.3 s, and on a loaded machine one can end while a probe
     # waits its 0.5 s (which then queues, and may even be refused "busy" after that wait).
     finished = [m for m in answers if m == "ok"]
-    refused = [m for m in answers if m.startswith("busy: 1 generation running")]
+    refused = [m for m in answers if BUSY.match(m)]
     told = answers.count("the node is shutting down")
     assert told >= 2 and len(finished) + len(refused) + told == len(answers), answers
     assert res.status == (GoalStatus.STATUS_SUCCEEDED if res.result.message == "ok" else

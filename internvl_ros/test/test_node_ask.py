@@ -286,7 +286,7 @@ def test_sigterm_answers_a_running_ask(env):
     long = Ask.Request(questions=[Question(prompt=PROMPT, max_new_tokens=2000)] * 3,
                        max_frame_age=-1.0)
     futs = [env["ask"].call_async(long) for _ in range(3)]
-    fill_until_busy(lambda: env["ask"].call_async(long), futs)  # one Ask runs, two wait
+    fill_until_busy(lambda: env["ask"].call_async(long), futs)  # one Ask runs, two wait (or 3)
     assert env["node"].stop(signal.SIGTERM) == 0
     answers = [wait_future(f, timeout=5) for f in futs]
     finished = [a for a in answers if a.message == "ok"]
