@@ -11,7 +11,8 @@ only uses its topics, service, action and /diagnostics.
   parameter), so two node processes run: `raw` (/internvl) and `compressed` (/cmp/internvl).
 - Continuous mode at 1 Hz on both; three service clients calling at random intervals; action
   goals, a third of them cancelled mid-stream; every minute a few requests with bad images or
-  an oversized max_new_tokens.
+  an oversized max_new_tokens, to each node in turn (both have had them by 2 minutes, before
+  the warm-up ends).
 - Each request has a unique prompt, so every answer and every published caption
   (~/caption_stamped) is matched to its request: `lost` counts requests without an answer at
   the end, `duplicates` second answers and captions published twice for one request. The
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import array
+import itertools
 import math
 import os
 import random
@@ -411,7 +413,10 @@ class Harness:
                 .add_done_callback(goal_done)
 
     def _bad_requests(self) -> None:
-        """Every minute: bad images in both fields, and an oversized max_new_tokens."""
+        """Every minute: bad images in both fields, and an oversized max_new_tokens; to each node
+        in turn, so that both have had every kind of request before the warm-up ends (with a
+        node drawn at random, one had its first batch at 6 minutes in a session-7 run, and what
+        a node allocates the first time it serves one came after the warm-up)."""
         bad_raw = self.Image(height=480, width=640, encoding="rgb8", step=100)  # step too small
         bad_raw.data = array.array("B", bytes(480 * 100))
         odd = self.Image(height=4, width=4, encoding="32FC1", step=16)  # unsupported
@@ -420,8 +425,9 @@ class Harness:
         corrupt.data = array.array("B", b"\xff\xd8\xff\xe0" + bytes(500) + b"\xff\xd9")
         truncated = self.CompressedImage(format="png")
         truncated.data = array.array("B", b"\x89PNG\r\n\x1a\n" + bytes(40))
+        turn = itertools.cycle(NODES)
         while not self.stop.wait(BAD_EVERY_S):
-            node = self.rng.choice(list(NODES))
+            node = next(turn)
             for fields in ({"image": bad_raw}, {"image": odd}, {"compressed_image": corrupt},
                            {"compressed_image": truncated},
                            {"max_new_tokens": 2**32 - 1, "max_frame_age": -1.0}):
