@@ -12,7 +12,7 @@ only uses its topics, service, action and /diagnostics.
 - Continuous mode at 1 Hz on both; three service clients calling at random intervals; action
   goals, a third of them cancelled mid-stream; every minute a few requests with bad images or
   an oversized max_new_tokens, to each node in turn (both have had them by 2 minutes, before
-  the warm-up ends).
+  the warm-up ends in runs of 7 minutes or more).
 - Each request has a unique prompt, so every answer and every published caption
   (~/caption_stamped) is matched to its request: `lost` counts requests without an answer at
   the end, `duplicates` second answers and captions published twice for one request. The
@@ -26,9 +26,10 @@ only uses its topics, service, action and /diagnostics.
   requests in flight and scattered by about 1 MB, which over a 10-minute run is a standard error
   of about 8 MB/h, more than the target. 60 samples a minute find the idle node's floor.
 - The slope is the Theil-Sen slope of those floors (sen_slope()): a minute with requests in
-  flight for all of it still raises its floor (by 0.9 MB, one raw frame, in 1 of 5 session-6
-  runs), and one such minute moved the least-squares slope of 7 floors by 6 to 10 MB/h. The
-  least-squares slope and its standard error are reported beside it.
+  flight for all of it still raises its floor (one or two raw frames of 0.9 MB: session 6's
+  run a, session 7's first run e), and one such minute moved the least-squares slope of 7
+  floors by 6 to 10 MB/h. The least-squares slope and its standard error are reported beside
+  it, and the other slopes in the JSON stay least squares.
 - The slope is of the node's own memory: RSS without the shared memory it maps (RssShmem), which
   is mostly the other participants' Fast DDS segments, read into the node's RSS page by page as
   messages land in them (see own_mb()). The slope with them is reported beside it
@@ -414,7 +415,8 @@ class Harness:
 
     def _bad_requests(self) -> None:
         """Every minute: bad images in both fields, and an oversized max_new_tokens; to each node
-        in turn, so that both have had every kind of request before the warm-up ends (with a
+        in turn, so that both have had every kind of request before the warm-up ends (in runs of
+        7 minutes or more; with a
         node drawn at random, one had its first batch at 6 minutes in a session-7 run, and what
         a node allocates the first time it serves one came after the warm-up)."""
         bad_raw = self.Image(height=480, width=640, encoding="rgb8", step=100)  # step too small
@@ -485,7 +487,11 @@ def sen_slope(ts: list[float], ys: list[float]) -> tuple[float, float, float]:
     keep = t[j] != t[i]
     slopes = np.sort((y[j] - y[i])[keep] / (t[j] - t[i])[keep])  # (pairs,) MB/h
     m = slopes.size
-    # Sen (1968): the ranks of the interval's ends, from the variance of Kendall's S (no ties)
+    if m == 0:  # every t the same
+        return float("nan"), float("nan"), float("nan")
+    # Sen (1968): the ranks of the interval's ends, from the variance of Kendall's S without
+    # its correction for ties (tied floors widen the interval a little); below 6 points the
+    # ranks fall outside the slopes and the interval is their whole range
     c = 1.96 * math.sqrt(n * (n - 1) * (2 * n + 5) / 18.0)
     lo = slopes[min(m - 1, max(0, round((m - c) / 2) - 1))]
     hi = slopes[min(m - 1, max(0, round((m + c) / 2)))]
@@ -531,7 +537,7 @@ def floors(ts: list[float], ys: list[float], window: float = FLOOR_WINDOW_S,
 def window_slopes(ft: list[float], fy: list[float], window: float = 600.0) -> list[float]:
     """The slope (per hour) of the floors in each full `window` of seconds from ft[0]: in a long
     run, whether the RSS settles (slopes falling towards 0) or keeps rising."""
-    return [round(sen_slope(wt, wy)[0], 2)
+    return [round(slope_per_hour(wt, wy), 2)
             for _, wt, wy in windows(ft, fy, window, FLOOR_WINDOW_S)]
 
 
@@ -575,19 +581,20 @@ def summarise(samples: list[dict], ledger: Ledger, duration: float, warmup: floa
             "rss_start_mb": samples[0]["nodes"][name]["rss_mb"],
             "rss_end_mb": samples[-1]["nodes"][name]["rss_mb"],
             # the slope (sen_slope()) of the per-minute floors of the 1-s readings (see
-            # floors()) of the node's own memory (own_mb()), its 95 % interval, the
-            # least-squares slope of the same floors with its standard error, and beside them:
-            # the same with the shared memory, anonymous memory alone, the 10-s samples'
-            # floors, every sample (least squares)
+            # floors()) of the node's own memory (own_mb()) and its 95 % interval; beside them,
+            # least squares, the named slope's estimator until session 7: of the same floors
+            # (with its standard error), with the shared memory, anonymous memory alone, the
+            # 10-s samples' floors, every sample
             "rss_slope_mb_per_hour": slope,
             "rss_slope_ci95_mb_per_hour": [lo, hi],
             "rss_slope_ols_mb_per_hour": ols,
             "rss_slope_ols_stderr_mb_per_hour": stderr,
-            "rss_total_slope_mb_per_hour": sen_slope(*fast_floors(lambda r, n=name: r[n][0]))[0],
+            "rss_total_slope_mb_per_hour": slope_per_hour(*fast_floors(
+                lambda r, n=name: r[n][0])),
             "rss_shmem_start_mb": samples[0]["nodes"][name]["rss_shmem_mb"],
             "rss_shmem_end_mb": samples[-1]["nodes"][name]["rss_shmem_mb"],
-            "rss_anon_slope_mb_per_hour": sen_slope(*fast_floors(lambda r, n=name: r[n][1]))[0],
-            "rss_slope_10s_floors_mb_per_hour": sen_slope(*floors(ts, rss))[0],
+            "rss_anon_slope_mb_per_hour": slope_per_hour(*fast_floors(lambda r, n=name: r[n][1])),
+            "rss_slope_10s_floors_mb_per_hour": slope_per_hour(*floors(ts, rss)),
             "rss_samples_slope_mb_per_hour": slope_per_hour(ts, rss),
             "rss_floors_mb": [round(y, 1) for y in frss],
             "rss_slopes_per_10_min": window_slopes(ft, frss),
@@ -627,8 +634,8 @@ def summarise(samples: list[dict], ledger: Ledger, duration: float, warmup: floa
                                                 for n in nodes.values()), 2),
         "rss_samples_slope_mb_per_hour": round(max(n["rss_samples_slope_mb_per_hour"]
                                                    for n in nodes.values()), 2),
-        "rss_slope_sum_mb_per_hour": round(sen_slope(*fast_floors(
-            lambda r: sum(own_mb(r[n][0], r[n][2]) for n in NODES)))[0], 2),
+        "rss_slope_sum_mb_per_hour": round(slope_per_hour(*fast_floors(
+            lambda r: sum(own_mb(r[n][0], r[n][2]) for n in NODES))), 2),
         "fd_growth": sum(n["fd_growth"] for n in nodes.values()),  # after the warm-up
         "thread_growth": sum(n["thread_growth"] for n in nodes.values()),
         "p50_latency_s": round(percentile(lat_ok, 50), 3),
@@ -671,7 +678,8 @@ def table(res: dict) -> str:
              f"{res['rss_slope_mb_per_hour']} (95 % interval "
              f"{res['rss_slope_ci95_mb_per_hour'][0]} to "
              f"{res['rss_slope_ci95_mb_per_hour'][1]})", "< 5"),
-            ("rss_slope_ols_mb_per_hour (least squares, same floors)",
+            ("rss_slope_ols_mb_per_hour (least squares of the same floors; the node it finds "
+             "fastest)",
              f"{res['rss_slope_ols_mb_per_hour']} (standard error "
              f"{res['rss_slope_ols_stderr_mb_per_hour']})", ""),
             ("rss_total_slope_mb_per_hour (the same with shared memory: other processes' DDS "

@@ -273,25 +273,26 @@ class Client:
         rclpy.try_shutdown(context=self.ctx)
 
 
-BUSY = re.compile(r"busy: (\d+) generation running and (\d+) request\(s\) waiting")
+BUSY = re.compile(r"busy: (\d+) generation running and (\d+) request\(s\) waiting "
+                  r"\(max_queue (\d+)\)")
 
 
 def fill_until_busy(call, futs: list) -> None:
-    """Send requests with `call()` until one is refused as busy with three requests in hand at
-    the node (max_queue 2): that proves the queue is full (a sleep would not: on a loaded
+    """Send requests with `call()` until one is refused as busy with 1 + max_queue requests in
+    hand at the node: that proves the queue is full (a sleep would not: on a loaded
     machine a request may not have arrived yet). A probe that is not refused has been queued
     instead: it joins `futs`, to be answered like the others. The refusal says one generation
     running and two waiting, or, when it lands between two generations (the worker has ended
     one and not yet taken the next, and a request was queued meanwhile), none running and
-    three waiting."""
+    three waiting (max_queue 2)."""
     while True:
         probe = call()
         if answered(probe, 0.5):
             message = probe.result().message
-            busy = BUSY.search(message)
+            busy = BUSY.match(message)
             assert busy, message
-            running, waiting = int(busy[1]), int(busy[2])
-            assert running <= 1 and running + waiting == 3, message
+            running, waiting, max_queue = (int(g) for g in busy.groups())
+            assert running <= 1 and running + waiting == 1 + max_queue, message
             return
         futs.append(probe)
 

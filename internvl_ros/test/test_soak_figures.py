@@ -108,6 +108,7 @@ def test_sen_slope_interval(soak):
     pairs = sorted((y[j] - y[i]) / (th[j] - th[i]) for i in range(7) for j in range(i + 1, 7))
     assert soak.sen_slope(FLOORS_T, y) == pytest.approx((np.median(pairs), pairs[3], pairs[17]))
     assert all(math.isnan(v) for v in soak.sen_slope([0.0, 60.0], [1.0, 2.0]))
+    assert all(math.isnan(v) for v in soak.sen_slope([60.0] * 3, [1.0, 2.0, 3.0]))
 
 
 def test_window_slopes_tell_settling_from_steady_growth(soak):
@@ -158,7 +159,7 @@ def test_the_slope_is_of_the_nodes_own_memory_and_still_finds_a_leak(soak):
 
 
 def test_the_named_slope_is_theil_sen_with_least_squares_beside_it(soak):
-    """A raw frame held through the last minute (8 to 9 min after the start: 158.9 MB in every
+    """A raw frame held through the last minute (9 to 10 min after the start: 158.9 MB in every
     reading) is reported by least squares (about 6 MB/h), not by the named slope."""
     held = {name: (lambda t: 158.0) for name in soak.NODES}
     held["raw"] = lambda t: 158.0 + (FRAME_MB if 540.0 <= t < 600.0 else 0.0)
