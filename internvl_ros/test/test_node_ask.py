@@ -16,6 +16,7 @@ import pytest
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image
 from test_node import (
+    BUSY,
     MAX_NEW_TOKENS,
     PROMPT,
     Client,
@@ -291,9 +292,12 @@ def test_sigterm_answers_a_running_ask(env):
     answers = [wait_future(f, timeout=5) for f in futs]
     finished = [a for a in answers if a.message == "ok"]
     assert len(finished) <= 1 and all(len(a.answers) == 3 for a in finished)
+    # a probe that waited its 0.5 s on a loaded machine joined `futs`, and may still have been
+    # refused busy (as in test_node's SIGTERM test); those still in hand are told why
+    refused = [a for a in answers if BUSY.match(a.message) and not a.answers]
     shut = [a for a in answers if a.message == "the node is shutting down"]
-    assert len(shut) == len(answers) - len(finished) and all(not a.answers for a in shut), \
-        [a.message for a in answers]
+    assert len(shut) >= 2 and all(not a.answers for a in shut), [a.message for a in answers]
+    assert len(shut) + len(refused) == len(answers) - len(finished), [a.message for a in answers]
     assert "Traceback" not in env["node"].log()
 
 
