@@ -171,3 +171,61 @@ def test_the_named_slope_is_theil_sen_with_least_squares_beside_it(soak):
     assert res["rss_slope_ols_stderr_mb_per_hour"] > 0.0
     text = soak.table(res)
     assert "Theil-Sen" in text and "rss_slope_ols_mb_per_hour" in text
+
+
+def test_lowest_keeps_the_reading_with_the_least_own_memory(soak):
+    a, b = [150.0, 70.0, 1.0], [150.5, 70.0, 2.0]  # [RSS, RssAnon, RssShmem] MB
+    assert soak.lowest(None, a) == a
+    assert soak.lowest(a, b) == b  # more RSS, but 0.5 MB less of the node's own
+    assert soak.lowest(b, a) == b
+
+
+def record(soak, minutes: int, own, idle_share: float, seed: int = 3):
+    """An RssRecord of a raw-camera-like node read every 0.1 s: its own memory `own(t)` MB
+    while idle (the latest frame alone), which is `idle_share` of the readings, one at a time;
+    otherwise 0.5 to 6 MB more (frames in transit, requests' working memory)."""
+    rng = np.random.default_rng(seed)
+    rec = soak.RssRecord()
+    ticks = int(round(minutes * 60.0 / soak.RSS_READ_S))
+    per_s = int(round(soak.RSS_SAMPLE_S / soak.RSS_READ_S))
+    for i in range(ticks + 1):
+        t = i * soak.RSS_READ_S
+        busy = 0.0 if rng.random() < idle_share else rng.uniform(0.5, 6.0)
+        reading = {name: [own(t) + busy + 1.4, 70.0, 1.4] for name in soak.NODES}
+        rec.add(t, reading, new_second=i % per_s == 0)
+    rec.close()
+    return rec
+
+
+def summarise_record(soak, rec, minutes: int = 10):
+    samples = [{"t": r["t"], "nodes": {name: {
+        "rss_mb": r[name][0], "rss_anon_mb": r[name][1], "rss_shmem_mb": r[name][2],
+        "fds": 22, "threads": 64} for name in soak.NODES}}
+        for r in rec.series_1s if r["t"] % soak.SAMPLE_S == 0]
+    duration = minutes * 60.0
+    return soak.summarise(samples, soak.Ledger(), duration, 0.3 * duration,
+                          {"start": [0.0] * 3, "end": [0.0] * 3},
+                          {name: 0 for name in soak.NODES}, rec.series, rec.series_1s)
+
+
+@pytest.mark.parametrize("leak", [0.0, 6.0])
+def test_ten_readings_a_second_find_the_idle_floor_that_one_a_second_misses(soak, leak):
+    """Session 8's hour run: the raw-camera node is idle about 2 % of the time. One reading a
+    second misses that state for a whole minute in about 30 % of minutes (0.98 ** 60), and
+    raises those floors by 0.5 MB or more; the lowest of ten readings a second does not."""
+    line = lambda t: 150.0 + leak * t / 3600.0  # noqa: E731
+    rec = record(soak, 10, line, idle_share=0.02)
+    assert len(rec.series) == len(rec.series_1s) == 601
+    res = summarise_record(soak, rec)
+    node = res["nodes"]["raw"]
+    ft = [210.0 + 60.0 * i for i in range(7)]  # the middles of the 7 minutes after warm-up
+    assert node["rss_floors_mb"] == pytest.approx([round(line(t), 1) for t in ft], abs=0.11)
+    assert res["rss_slope_mb_per_hour"] == pytest.approx(leak, abs=0.3)
+    # the same readings, one a second: some floors raised by a request's memory
+    one = [r for r in rec.series_1s if r["t"] >= 180.0]
+    _, fy = soak.floors([r["t"] for r in one], [soak.own_mb(r["raw"][0], r["raw"][2])
+                                                for r in one], step=soak.RSS_SAMPLE_S)
+    raised = [y - line(t) for t, y in zip(ft, fy, strict=True)]
+    assert max(raised) > 0.5, raised
+    assert res["rss_slope_1s_readings_mb_per_hour"] is not None
+    assert "rss_slope_1s_readings_mb_per_hour" in soak.table(res)
