@@ -26,7 +26,7 @@ only uses its topics, service, action and /diagnostics.
   (see floors()). With 6 readings a minute that floor still caught requests in flight and
   scattered by about 1 MB, a standard error of about 8 MB/h over a 10-minute run (session 5);
   with 60 it still missed, for whole minutes, the raw-camera node's idle state, which lasts
-  about 2 % of the time, and raised those floors by up to 1.9 MB (session 8: 21 of an hour's
+  about 1.5 % of the time, and raised those floors by up to 1.9 MB (session 8: 21 of an hour's
   59 minutes by more than 0.2 MB). 600 readings a minute find it.
 - The slope is the Theil-Sen slope of those floors (sen_slope()): a minute with requests in
   flight for all of it still raises its floor (one or two raw frames of 0.9 MB: session 6's
@@ -181,11 +181,11 @@ def lowest(kept: list[float] | None, reading: list[float]) -> list[float]:
     """Of two [RSS, RssAnon, RssShmem] readings (MB), the one with the less own memory
     (own_mb): each second's entry of the soak's RSS series is the lowest of its ten readings.
 
-    A raw-camera node is within 0.25 MB of its floor (no frame in transit, no request's working
-    memory) only about 2 % of the time. In session 8's hour run, one reading a second missed
-    that state for whole minutes: 21 of 59 floors raised by more than 0.2 MB (up to 1.9 MB), and
-    7-minute slopes scattered with a standard deviation of 4.7 MB/h, against 1.0 MB/h from the
-    lowest of ten readings a second (docs/RELIABILITY.md, "Session 8")."""
+    A raw-camera node is within 0.25 MB of its floor only about 1.5 % of the time (a median of
+    6.6 MB above it). In session 8's hour run, one reading a second missed that state for whole
+    minutes: 21 of 59 floors raised by more than 0.2 MB (up to 1.9 MB), and 7-minute slopes
+    scattered with a standard deviation of 4.7 MB/h, against 1.0 MB/h from the lowest of ten
+    readings a second (docs/RELIABILITY.md, "Session 8")."""
     if kept is None or own_mb(reading[0], reading[2]) < own_mb(kept[0], kept[2]):
         return reading
     return kept

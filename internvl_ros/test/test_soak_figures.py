@@ -210,9 +210,10 @@ def summarise_record(soak, rec, minutes: int = 10):
 
 @pytest.mark.parametrize("leak", [0.0, 6.0])
 def test_ten_readings_a_second_find_the_idle_floor_that_one_a_second_misses(soak, leak):
-    """Session 8's hour run: the raw-camera node is idle about 2 % of the time. One reading a
-    second misses that state for a whole minute in about 30 % of minutes (0.98 ** 60), and
-    raises those floors by 0.5 MB or more; the lowest of ten readings a second does not."""
+    """Session 8's hour run: the raw-camera node is at its floor about 1.5 % of the time (here
+    2 %). One reading a second misses that state for a whole minute in about 30 % of minutes
+    (0.98 ** 60), and raises those floors by 0.5 MB or more; the lowest of ten readings a
+    second does not."""
     line = lambda t: 150.0 + leak * t / 3600.0  # noqa: E731
     rec = record(soak, 10, line, idle_share=0.02)
     assert len(rec.series) == len(rec.series_1s) == 601
