@@ -199,10 +199,13 @@ class RssRecord:
         self.series: list[dict] = []
         self.series_1s: list[dict] = []
         self._second: dict | None = None  # the second being read: its lowest readings so far
+        self._next: float | None = None  # s: when the next second starts
 
-    def add(self, t: float, reading: dict[str, list[float]], new_second: bool) -> None:
-        """One reading of every node ({node: [RSS, RssAnon, RssShmem] MB}) at t s."""
-        if new_second:
+    def add(self, t: float, reading: dict[str, list[float]]) -> None:
+        """One reading of every node ({node: [RSS, RssAnon, RssShmem] MB}) at t s; the first
+        at or after each second's start (from the first reading on) starts that second."""
+        if self._next is None or t >= self._next:
+            self._next = (t if self._next is None else self._next) + RSS_SAMPLE_S
             self.close()
             self._second = {"t": round(t, 1), **reading}
             self.series_1s.append(dict(self._second))
@@ -815,17 +818,14 @@ def main(argv=None) -> int:
         harness.wait_ready(procs)
         harness.start_traffic()
         t0 = time.monotonic()
-        next_sample = next_rss = next_read = t0
+        next_sample = next_read = t0
         rss = RssRecord()
         while True:
             now = time.monotonic()
             if now >= next_read:
-                new_second = now >= next_rss
-                if new_second:
-                    next_rss += RSS_SAMPLE_S
                 try:
                     rss.add(now - t0, {name: [round(x, 2) for x in proc_rss(p.pid)]
-                                       for name, p in procs.items()}, new_second)
+                                       for name, p in procs.items()})
                 except OSError:  # it exited: the 10-s sample below says so
                     rss.drop()
                 next_read += RSS_READ_S

@@ -135,10 +135,15 @@ def run_series(soak, own: dict, shmem: dict, minutes: int = 10):
             samples.append({"t": float(t), "nodes": {name: {
                 "rss_mb": r[name][0], "rss_anon_mb": r[name][1], "rss_shmem_mb": r[name][2],
                 "fds": 22, "threads": 64} for name in soak.NODES}})
+    return summarise_run(soak, samples, minutes, rss_series)
+
+
+def summarise_run(soak, samples, minutes, rss_series, rss_series_1s=None):
+    """summarise() of a synthetic run of `minutes` (no requests, no frames)."""
     duration = minutes * 60.0
     return soak.summarise(samples, soak.Ledger(), duration, 0.3 * duration,
                           {"start": [0.0] * 3, "end": [0.0] * 3},
-                          {name: 0 for name in soak.NODES}, rss_series)
+                          {name: 0 for name in soak.NODES}, rss_series, rss_series_1s)
 
 
 def test_the_slope_is_of_the_nodes_own_memory_and_still_finds_a_leak(soak):
@@ -189,10 +194,9 @@ def record(soak, minutes: int, own, idle_share: float, seed: int = 3):
     ticks = int(round(minutes * 60.0 / soak.RSS_READ_S))
     per_s = int(round(soak.RSS_SAMPLE_S / soak.RSS_READ_S))
     for i in range(ticks + 1):
-        t = i * soak.RSS_READ_S
+        t = i * soak.RSS_SAMPLE_S / per_s  # s: whole seconds exactly every per_s readings
         busy = 0.0 if rng.random() < idle_share else rng.uniform(0.5, 6.0)
-        reading = {name: [own(t) + busy + 1.4, 70.0, 1.4] for name in soak.NODES}
-        rec.add(t, reading, new_second=i % per_s == 0)
+        rec.add(t, {name: [own(t) + busy + 1.4, 70.0, 1.4] for name in soak.NODES})
     rec.close()
     return rec
 
@@ -202,10 +206,7 @@ def summarise_record(soak, rec, minutes: int = 10):
         "rss_mb": r[name][0], "rss_anon_mb": r[name][1], "rss_shmem_mb": r[name][2],
         "fds": 22, "threads": 64} for name in soak.NODES}}
         for r in rec.series_1s if r["t"] % soak.SAMPLE_S == 0]
-    duration = minutes * 60.0
-    return soak.summarise(samples, soak.Ledger(), duration, 0.3 * duration,
-                          {"start": [0.0] * 3, "end": [0.0] * 3},
-                          {name: 0 for name in soak.NODES}, rec.series, rec.series_1s)
+    return summarise_run(soak, samples, minutes, rec.series, rec.series_1s)
 
 
 @pytest.mark.parametrize("leak", [0.0, 6.0])
